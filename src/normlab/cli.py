@@ -1,0 +1,48 @@
+"""The `normlab` command: explain, draw, compare, bench.
+
+Each subcommand lives in the module that does the work; this file only wires them.
+Every module offers ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Example:
+    $ normlab explain "n (g k) h w -> n g" --shape 8,64,32,32 g=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from normlab.errors import PatternError
+
+SUBCOMMANDS = {
+    "explain": ("normlab.explain", "what a pattern normalizes over, in words and numbers"),
+    "draw": ("normlab.draw", "draw the N x C x (H*W) block with one set S shaded"),
+    "compare": ("normlab.lab.cli", "train the same model with each normalization and compare"),
+    "bench": ("normlab.bench", "time normlab against torch.nn and a plain copy"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (bad input: one line on stderr, status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except (PatternError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"normlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kernels behind the engine: the reference path and the fast paths, chosen by `dispatch`."""

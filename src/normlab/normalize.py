@@ -1,0 +1,113 @@
+"""normalize(): (x − mean)·rsqrt(var + eps), then the affine, over the sets of a pattern.
+
+`normalize` is the public function; `normalize_batch` and `normalize_with` are what the
+layers call (batch statistics, or statistics from elsewhere: running estimates, other
+processes). Both go through the kernel dispatcher, whose reference path is plain
+PyTorch operations (differentiable twice, any device and dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.errors import check_floating
+from normlab.kernels import dispatch
+from normlab.moments import Moments, from_stats
+from normlab.pattern import Plan, plan
+
+
+def affine_view(param: torch.Tensor | None, x: torch.Tensor, p: Plan, role: str) -> torch.Tensor | None:
+    """Shape a weight or bias so it broadcasts against `x`.
+
+    Accepted: a tensor already of `x`'s rank; a 1-D tensor per channel (the input dim
+    holding axis `c` or a group such as `(g k)`); otherwise the trailing dims of `x`
+    (LayerNorm's convention).
+    """
+    if param is None:
+        return None
+    check_floating(param, f"normalize {role}")
+    if param.dim() == x.dim():
+        view = param
+    else:
+        channel = next(
+            (d for d, members in enumerate(p.input_dims) if len(members) > 1 or p.axes[members[0]] == "c"),
+            None,
+        )
+        if channel is not None and param.dim() == 1:
+            shape = [1] * x.dim()
+            shape[channel] = -1
+            if param.numel() != x.shape[channel]:
+                raise ValueError(
+                    f"normalize: expected {role} of {x.shape[channel]} channels (dim {channel} "
+                    f"of input shape {tuple(x.shape)}), got shape {tuple(param.shape)}"
+                )
+            return param.reshape(shape)
+        view = param
+        if tuple(param.shape) != tuple(x.shape[x.dim() - param.dim() :]):
+            raise ValueError(
+                f"normalize: expected {role} of shape {tuple(x.shape[x.dim() - param.dim():])} "
+                f"(the trailing dims of input shape {tuple(x.shape)}), got {tuple(param.shape)}"
+            )
+    try:
+        torch.broadcast_shapes(view.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"normalize: {role} of shape {tuple(param.shape)} does not broadcast against "
+            f"input shape {tuple(x.shape)}"
+        ) from None
+    return view
+
+
+def normalize_batch(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+) -> tuple[torch.Tensor, Moments]:
+    """Normalize with the batch's own statistics; return the output and those moments.
+
+    `weight`/`bias` must already broadcast against `x` (see :func:`affine_view`).
+    """
+    y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center)
+    return y, from_stats(mean.detach(), var.detach(), p)
+
+
+def normalize_with(
+    x: torch.Tensor,
+    p: Plan,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Normalize with given statistics of `p.kept_shape` (running estimates, say)."""
+    return dispatch.normalize_with(x, p, p.to_stats(mean), p.to_stats(var), weight, bias, eps)
+
+
+def normalize(
+    x: torch.Tensor,
+    pattern: str,
+    *,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+    **sizes: int,
+) -> torch.Tensor:
+    """Normalize every set S of `pattern` to mean 0 and variance 1, then apply the affine.
+
+    Statistics are float32 or wider; the output has `x`'s dtype and memory format.
+    ``center=False`` divides by the root mean square instead (RMS norm).
+
+    Example:
+        >>> y = normalize(torch.randn(8, 64, 4, 4), "n (g k) h w -> n g", g=32)  # GroupNorm
+    """
+    check_floating(x, "normalize")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"normalize: expected eps >= 0, got {eps!r}")
+    p = plan(pattern, x.shape, **sizes)
+    w, b = affine_view(weight, x, p, "weight"), affine_view(bias, x, p, "bias")
+    return normalize_batch(x, p, w, b, float(eps), center)[0]
