@@ -82,7 +82,9 @@ def _chan(
     weight = count / total.clamp(min=1)
     combined = (weight * mean).sum(dims, keepdim=True)
     spread = (weight * (var + (mean - combined).square())).sum(dims, keepdim=True)
-    return Moments(combined.squeeze(dims), spread.squeeze(dims).clamp(min=0), total.squeeze(dims), axes)
+    return Moments(
+        combined.squeeze(dims), spread.squeeze(dims).clamp(min=0), total.squeeze(dims), axes
+    )
 
 
 def combine(parts: Sequence[Moments]) -> Moments:

@@ -16,7 +16,9 @@ from normlab.moments import Moments, from_stats
 from normlab.pattern import Plan, plan
 
 
-def affine_view(param: torch.Tensor | None, x: torch.Tensor, p: Plan, role: str) -> torch.Tensor | None:
+def affine_view(
+    param: torch.Tensor | None, x: torch.Tensor, p: Plan, role: str
+) -> torch.Tensor | None:
     """Shape a weight or bias so it broadcasts against `x`.
 
     Accepted: a tensor already of `x`'s rank; a 1-D tensor per channel (the input dim
@@ -30,7 +32,11 @@ def affine_view(param: torch.Tensor | None, x: torch.Tensor, p: Plan, role: str)
         view = param
     else:
         channel = next(
-            (d for d, members in enumerate(p.input_dims) if len(members) > 1 or p.axes[members[0]] == "c"),
+            (
+                d
+                for d, members in enumerate(p.input_dims)
+                if len(members) > 1 or p.axes[members[0]] == "c"
+            ),
             None,
         )
         if channel is not None and param.dim() == 1:
@@ -45,7 +51,7 @@ def affine_view(param: torch.Tensor | None, x: torch.Tensor, p: Plan, role: str)
         view = param
         if tuple(param.shape) != tuple(x.shape[x.dim() - param.dim() :]):
             raise ValueError(
-                f"normalize: expected {role} of shape {tuple(x.shape[x.dim() - param.dim():])} "
+                f"normalize: expected {role} of shape {tuple(x.shape[x.dim() - param.dim() :])} "
                 f"(the trailing dims of input shape {tuple(x.shape)}), got {tuple(param.shape)}"
             )
     try:

@@ -89,7 +89,9 @@ def parse_pattern(text: str) -> Pattern:
             raise PatternError(f"pattern '{text}': axis '{name}' appears twice on the left")
     for name in kept:
         if name.startswith("("):
-            raise PatternError(f"pattern '{text}': expected plain axis names on the right, got {name}")
+            raise PatternError(
+                f"pattern '{text}': expected plain axis names on the right, got {name}"
+            )
         if name not in names:
             raise PatternError(
                 f"pattern '{text}': kept axis '{name}' is not an input axis; "
@@ -176,8 +178,10 @@ def _plan(text: str, shape: tuple[int, ...], sizes: tuple[tuple[str, int], ...])
     for name in known:
         if name not in pattern.axis_names:
             raise _fail(
-                pattern, shape, f"size given for unknown axis '{name}'; "
-                f"expected one of {', '.join(a for a in pattern.axis_names if a != ELLIPSIS)}"
+                pattern,
+                shape,
+                f"size given for unknown axis '{name}'; "
+                f"expected one of {', '.join(a for a in pattern.axis_names if a != ELLIPSIS)}",
             )
     n_fixed = len(pattern.dims) - pattern.has_ellipsis
     if (pattern.has_ellipsis and len(shape) < n_fixed) or (
@@ -203,20 +207,23 @@ def _plan(text: str, shape: tuple[int, ...], sizes: tuple[tuple[str, int], ...])
         given = math.prod(known[n] for n in names if n in known)
         if len(unknown) > 1:
             raise _fail(
-                pattern, shape,
+                pattern,
+                shape,
                 f"group ({' '.join(names)}) needs the sizes of all but one axis, "
                 f"e.g. {unknown[0]}=...; got {len(names) - len(unknown)} of {len(names)}",
             )
         if unknown and (given <= 0 or size % given):
             raise _fail(
-                pattern, shape,
+                pattern,
+                shape,
                 f"axis of size {size} cannot be split into ({' '.join(names)}) with "
                 + ", ".join(f"{n}={known[n]}" for n in names if n in known)
                 + f": expected a divisor of {size}",
             )
         if not unknown and given != size:
             raise _fail(
-                pattern, shape,
+                pattern,
+                shape,
                 f"expected size {given} for ({' '.join(names)}) from the given sizes, got {size}",
             )
         members = []
@@ -243,5 +250,7 @@ def plan(pattern: str, shape: tuple[int, ...] | list[int], **sizes: int) -> Plan
     """
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise PatternError(f"pattern '{pattern}': expected a positive int for {name}=, got {value!r}")
+            raise PatternError(
+                f"pattern '{pattern}': expected a positive int for {name}=, got {value!r}"
+            )
     return _plan(pattern, tuple(int(s) for s in shape), tuple(sorted(sizes.items())))
