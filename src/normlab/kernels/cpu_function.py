@@ -1,0 +1,213 @@
+"""Autograd Functions over the Numba kernels: batch statistics, and given statistics.
+
+Saved for backward: the input and two float64 numbers per set (mean, 1/std), plus
+the parameters. Gradients for x, weight and bias come from hand-written kernels.
+Double backward (``create_graph=True``) recomputes through the reference path, so
+``gradgradcheck`` holds on either path, at reference speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from normlab.kernels import reference
+from normlab.kernels.canonical import (
+    Canonical,
+    affine_offsets,
+    canonicalize,
+    flat_view,
+    stats_from_plan,
+    stats_to_plan,
+)
+from normlab.moments import stats_dtype
+from normlab.pattern import Plan
+
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a kernel call needs besides the data: canonical form, affine, work split."""
+
+    canon: Canonical
+    w: np.ndarray  # float64 flat weight (ones when absent)
+    b: np.ndarray  # float64 flat bias (zeros when absent)
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    mode: int
+    tasks: np.ndarray
+    chunks: np.ndarray
+
+
+def _mode(c: Canonical, tables: list[np.ndarray]) -> int:
+    inner = tables[3] if c.shape[3] > 1 else tables[2]
+    if not inner.any():
+        return 0
+    if np.array_equal(inner, np.arange(len(inner))):
+        return 1
+    return 2
+
+
+@lru_cache(maxsize=256)
+def _split(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    from normlab.kernels import cpu
+
+    return cpu.split_tasks(shape, threads)
+
+
+def threads() -> int:
+    """Numba threads to use: torch's setting, capped by what numba was started with."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def prepare(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> Prepared | str:
+    """The kernel's view of one call, or the reason it cannot take it."""
+    c = canonicalize(x, p, weight if weight is not None else bias)
+    if c is None:
+        return f"pattern '{p.pattern.text}' does not fit K R K R in memory order"
+    if weight is not None and bias is not None and weight.shape != bias.shape:
+        return "weight and bias broadcast differently"
+    param = weight if weight is not None else bias
+    if param is None:
+        zero = np.zeros(1, np.int64)
+        tables = [zero] * 4
+        w, b = np.ones(1), np.zeros(1)
+    else:
+        flat, tables = affine_offsets(param.detach(), x, p, c)
+        ones = np.ones(flat.numel())
+        w = _as_numpy(weight.detach().contiguous().reshape(-1)) if weight is not None else ones
+        b = _as_numpy(bias.detach().contiguous().reshape(-1)) if bias is not None else 0 * ones
+    tasks, chunks = _split(c.shape, threads())
+    mode = _mode(c, tables)
+    return Prepared(c, w, b, tuple(tables), mode, tasks, chunks)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float64).cpu().numpy()
+
+
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    # Half precision is widened once (layout kept); statistics stay float32 or wider.
+    x = x.detach()
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """(y, mean, var) = normalize with batch statistics; mean and var are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, eps, center, prep):  # noqa: ANN001, ANN205
+        from normlab.kernels import cpu
+
+        xc = _kernel_input(x)
+        yc = torch.empty_like(xc)
+        c = prep.canon
+        mean = np.empty((c.shape[0], c.shape[2]))
+        var = np.empty_like(mean)
+        rstd = np.empty_like(mean)
+        cpu.forward(
+            flat_view(xc, c).numpy(), flat_view(yc, c).numpy(), mean, var, rstd,
+            prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
+            prep.tasks, prep.chunks,
+        )  # fmt: skip
+        y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (torch.from_numpy(mean), torch.from_numpy(rstd))
+        ctx.args = (p, eps, center, prep)
+        dtype = stats_dtype(x.dtype)
+        m = stats_to_plan(torch.from_numpy(mean).to(dtype), p, c)
+        v = stats_to_plan(torch.from_numpy(var).to(dtype), p, c)
+        ctx.mark_non_differentiable(m, v)
+        return y, m, v
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
+        x, weight, bias = ctx.saved_tensors
+        p, eps, center, prep = ctx.args
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference path instead
+
+            def again(x, w, b):  # noqa: ANN001, ANN202
+                return reference.normalize_batch(x, p, w, b, eps, center)[0]
+
+            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
+        mean, rstd = ctx.stats
+        return (*_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center), None, None, None, None)
+
+
+class ApplyFunction(torch.autograd.Function):
+    """y = (x − mean)·rsqrt(var + eps)·weight + bias with statistics that need no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, mean, var, eps, prep):  # noqa: ANN001, ANN205
+        from normlab.kernels import cpu
+
+        xc = _kernel_input(x)
+        yc = torch.empty_like(xc)
+        c = prep.canon
+        m = stats_from_plan(mean.detach().to(torch.float64), p, c)
+        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), p, c) + eps)
+        cpu.apply(
+            flat_view(xc, c).numpy(), flat_view(yc, c).numpy(), m.numpy(), r.numpy(),
+            prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (m, r)
+        ctx.args = (p, mean, var, eps, prep)
+        return yc if yc.dtype == x.dtype else yc.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, weight, bias = ctx.saved_tensors
+        p, mean, var, eps, prep = ctx.args
+        if torch.is_grad_enabled():
+
+            def again(x, w, b):  # noqa: ANN001, ANN202
+                return reference.normalize_with(x, p, mean, var, w, b, eps)
+
+            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None, None)
+        m, r = ctx.stats
+        return (*_backward(ctx, x, gy, weight, bias, m, r, prep, False, True), None, None, None, None, None)
+
+
+def _through_reference(fn, inputs, gy, ctx):  # noqa: ANN001, ANN202
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3]) if need and t is not None]
+    grads = iter(torch.autograd.grad(fn(*inputs), wanted, gy, create_graph=True))
+    return tuple(
+        next(grads) if need and t is not None else None
+        for t, need in zip(inputs, ctx.needs_input_grad[:3])
+    )
+
+
+def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noqa: ANN001, ANN202
+    from normlab.kernels import cpu
+
+    c = prep.canon
+    xc = _kernel_input(x)
+    gyc = gy.detach().to(xc.dtype)
+    if gyc.stride() != xc.stride():  # the kernel reads gy in x's memory order
+        gyc = torch.empty_like(xc).copy_(gyc)
+    gxc = torch.empty_like(xc)
+    nchunks = len(prep.chunks) - 1
+    dw = np.zeros((nchunks, len(prep.w)))
+    db = np.zeros((nchunks, len(prep.w)))
+    cpu.backward(
+        flat_view(xc, c).numpy(), flat_view(gyc, c).numpy(), flat_view(gxc, c).numpy(),
+        mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
+        prep.tasks, prep.chunks, dw, db,
+    )  # fmt: skip
+    gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
+    gw = gb = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        gw = torch.from_numpy(dw.sum(0)).to(weight.dtype).reshape(weight.shape)
+    if bias is not None and ctx.needs_input_grad[2]:
+        gb = torch.from_numpy(db.sum(0)).to(bias.dtype).reshape(bias.shape)
+    return (gx if ctx.needs_input_grad[0] else None), gw, gb
