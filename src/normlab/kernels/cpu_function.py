@@ -78,8 +78,7 @@ def prepare(
         return "weight and bias broadcast differently"
     param = weight if weight is not None else bias
     if param is None:
-        zero = np.zeros(1, np.int64)
-        tables = [zero] * 4
+        tables = [np.zeros(size, np.int64) for size in c.shape]
         w, b = np.ones(1), np.zeros(1)
     else:
         flat, tables = affine_offsets(param.detach(), x, p, c)
