@@ -37,10 +37,16 @@ def _block_shape(C, D):  # noqa: ANN001, ANN202
     return max(1, BLOCK // (C * D)), C, D
 
 
+# Inner loops run over 1-D slices indexed from 0: that lets LLVM drop the negative-index
+# checks and vectorize (4-D indexing ran ~4x slower).
+
+
 @njit(cache=True, fastmath=FASTMATH)
-def _stats(x, a, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: ANN001, ANN202
-    """Mean, sum of squared deviations and count per c over x[a, b_lo:b_hi] (Chan-merged)."""
-    _, _, C, D = x.shape
+def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: ANN001, ANN202
+    """Mean, sum of squared deviations and count per c over rows b_lo:b_hi of one a.
+
+    `xa` is the a-th slab, flat (B·C·D); s, q, e are scratch of size C.
+    """
     bb, cb, db = _block_shape(C, D)
     for c in range(C):
         mean[c] = 0.0
@@ -53,43 +59,49 @@ def _stats(x, a, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: ANN001,
             for d0 in range(0, D, db):
                 d1 = min(d0 + db, D)
                 n = float((b1 - b0) * (d1 - d0))
-                for c in range(c0, c1):
-                    s[c] = 0.0
-                    q[c] = 0.0
-                    e[c] = 0.0
+                sv = s[c0:c1]
+                qv = q[c0:c1]
+                ev = e[c0:c1]
+                sv[:] = 0.0
+                qv[:] = 0.0
+                ev[:] = 0.0
                 if center:  # pass 1: the block's mean
-                    if D > 1:
-                        for b in range(b0, b1):
-                            for c in range(c0, c1):
-                                t = 0.0
-                                for d in range(d0, d1):
-                                    t += x[a, b, c, d]
-                                s[c] += t
-                    else:
-                        for b in range(b0, b1):
-                            for c in range(c0, c1):
-                                s[c] += x[a, b, c, 0]
-                    for c in range(c0, c1):
-                        s[c] /= n
-                # pass 2 (the block is in cache): deviations from the block mean
-                if D > 1:
                     for b in range(b0, b1):
+                        if D > 1:
+                            for c in range(c0, c1):
+                                start = (b * C + c) * D
+                                seg = xa[start + d0 : start + d1]
+                                t = 0.0
+                                for i in range(seg.shape[0]):
+                                    t += seg[i]
+                                s[c] += t
+                        else:
+                            seg = xa[b * C + c0 : b * C + c1]
+                            for i in range(seg.shape[0]):
+                                sv[i] += seg[i]
+                    for i in range(sv.shape[0]):
+                        sv[i] /= n
+                # pass 2 (the block is in cache): deviations from the block mean
+                for b in range(b0, b1):
+                    if D > 1:
                         for c in range(c0, c1):
+                            start = (b * C + c) * D
+                            seg = xa[start + d0 : start + d1]
                             m = s[c]
                             tq = 0.0
                             te = 0.0
-                            for d in range(d0, d1):
-                                v = x[a, b, c, d] - m
+                            for i in range(seg.shape[0]):
+                                v = seg[i] - m
                                 te += v
                                 tq += v * v
                             q[c] += tq
                             e[c] += te
-                else:
-                    for b in range(b0, b1):
-                        for c in range(c0, c1):
-                            v = x[a, b, c, 0] - s[c]
-                            e[c] += v
-                            q[c] += v * v
+                    else:
+                        seg = xa[b * C + c0 : b * C + c1]
+                        for i in range(seg.shape[0]):
+                            v = seg[i] - sv[i]
+                            ev[i] += v
+                            qv[i] += v * v
                 for c in range(c0, c1):
                     if center:
                         mb = s[c] + e[c] / n
@@ -105,50 +117,101 @@ def _stats(x, a, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: ANN001,
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _normalize(x, y, a, b_lo, b_hi, mean, rstd, w, bias, oa, ob, oc, od, mode):  # noqa: ANN001, ANN202
-    """y = (x − mean)·rstd·w + bias over x[a, b_lo:b_hi]."""
-    _, _, C, D = x.shape
+def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mode, sc, sh):  # noqa: ANN001, ANN202
+    """y = (x − mean)·rstd·w + bias over rows b_lo:b_hi of one a (ma, ra: that a's stats).
+
+    `oa_` is this a's offset; sc, sh are scratch of size C.
+    """
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = mean[a, c]
-                r = rstd[a, c]
-                base = oa[a] + ob[b] + oc[c]
+                m = ma[c]
+                r = ra[c]
+                base = oa_ + ob[b] + oc[c]
+                start = (b * C + c) * D
+                xs = xa[start : start + D]
+                ys = ya[start : start + D]
                 if mode == 0:
                     scale = r * w[base]
                     shift = bias[base] - m * scale
-                    for d in range(D):
-                        y[a, b, c, d] = x[a, b, c, d] * scale + shift
+                    for i in range(D):
+                        ys[i] = xs[i] * scale + shift
                 elif mode == 1:
-                    for d in range(D):
-                        y[a, b, c, d] = (x[a, b, c, d] - m) * r * w[base + d] + bias[base + d]
+                    ws = w[base : base + D]
+                    bs = bias[base : base + D]
+                    for i in range(D):
+                        ys[i] = (xs[i] - m) * r * ws[i] + bs[i]
                 else:
-                    for d in range(D):
-                        o = base + od[d]
-                        y[a, b, c, d] = (x[a, b, c, d] - m) * r * w[o] + bias[o]
-    else:
+                    for i in range(D):
+                        o = base + od[i]
+                        ys[i] = (xs[i] - m) * r * w[o] + bias[o]
+        return
+    b_const = True
+    for b in range(b_lo, b_hi):
+        if ob[b] != ob[b_lo]:
+            b_const = False
+            break
+    if b_const:  # one scale and shift per c for every row: precompute them
+        base = oa_ + ob[b_lo] + od[0]
+        for c in range(C):
+            o = base if mode == 0 else base + oc[c]
+            sc[c] = ra[c] * w[o]
+            sh[c] = bias[o] - ma[c] * sc[c]
         for b in range(b_lo, b_hi):
-            base = oa[a] + ob[b] + od[0]
-            if mode == 0:
-                wv = w[base]
-                bv = bias[base]
-                for c in range(C):
-                    y[a, b, c, 0] = (x[a, b, c, 0] - mean[a, c]) * rstd[a, c] * wv + bv
-            elif mode == 1:
-                for c in range(C):
-                    y[a, b, c, 0] = (x[a, b, c, 0] - mean[a, c]) * rstd[a, c] * w[
-                        base + c
-                    ] + bias[base + c]
-            else:
-                for c in range(C):
-                    o = base + oc[c]
-                    y[a, b, c, 0] = (x[a, b, c, 0] - mean[a, c]) * rstd[a, c] * w[o] + bias[o]
+            xs = xa[b * C : b * C + C]
+            ys = ya[b * C : b * C + C]
+            for i in range(C):
+                ys[i] = xs[i] * sc[i] + sh[i]
+        return
+    for b in range(b_lo, b_hi):
+        base = oa_ + ob[b] + od[0]
+        xs = xa[b * C : b * C + C]
+        ys = ya[b * C : b * C + C]
+        if mode == 0:
+            wv = w[base]
+            bv = bias[base]
+            for i in range(C):
+                ys[i] = (xs[i] - ma[i]) * ra[i] * wv + bv
+        else:
+            for i in range(C):
+                o = base + oc[i]
+                ys[i] = (xs[i] - ma[i]) * ra[i] * w[o] + bias[o]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):  # noqa: ANN001, ANN202
+    """Chan-merge groups of `gs` adjacent columns into one set each; write the set's
+    mean, var, rstd at row a and spread mean and rstd back over the columns."""
+    for c in range(mean.shape[1]):
+        m = 0.0
+        q = 0.0
+        n = 0.0
+        for j in range(c * gs, c * gs + gs):
+            if pn[j] > 0:
+                tot = n + pn[j]
+                delta = pm[j] - m
+                m += delta * pn[j] / tot
+                q += pq[j] + delta * delta * n * pn[j] / tot
+                n = tot
+        v = q / n
+        r = 1.0 / np.sqrt(v + eps)
+        mean[a, c] = m
+        var[a, c] = v
+        rstd[a, c] = r
+        for j in range(c * gs, c * gs + gs):
+            mcol[j] = m
+            rcol[j] = r
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def forward(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks):  # noqa: ANN001, ANN201
-    """Batch statistics of every set (into mean, var, rstd: (A, C) float64) and y."""
-    _, B, C, _ = x.shape
+def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks):  # noqa: ANN001, ANN201
+    """Batch statistics of every set (into mean, var, rstd: (A, C // gs) float64) and y.
+
+    x, y: (A, B·C·D) contiguous; shape = (A, B, C, D). With ``gs > 1`` each set spans
+    `gs` adjacent columns c (a short innermost reduced axis folded into c, D = 1):
+    statistics are taken per column, then Chan-merged per set.
+    """
+    A, B, C, D = shape
     ntasks = tasks.shape[0]
     fused = True
     for i in range(ntasks):
@@ -162,15 +225,15 @@ def forward(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, t
             s = np.empty(C)
             q = np.empty(C)
             e = np.empty(C)
+            mcol = np.empty(C)
+            rcol = np.empty(C)
             for i in range(chunks[t], chunks[t + 1]):
                 a = tasks[i, 0]
-                _stats(x, a, 0, B, center, pm, pq, pn, s, q, e)
-                for c in range(C):
-                    v = pq[c] / pn[c]
-                    mean[a, c] = pm[c]
-                    var[a, c] = v
-                    rstd[a, c] = 1.0 / np.sqrt(v + eps)
-                _normalize(x, y, a, 0, B, mean, rstd, w, bias, oa, ob, oc, od, mode)
+                _stats(x[a], B, C, D, 0, B, center, pm, pq, pn, s, q, e)
+                _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol)
+                _normalize(
+                    x[a], y[a], B, C, D, 0, B, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q
+                )
         return
     pmean = np.empty((ntasks, C))
     pm2 = np.empty((ntasks, C))
@@ -181,145 +244,199 @@ def forward(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, t
         e = np.empty(C)
         for i in range(chunks[t], chunks[t + 1]):
             _stats(
-                x, tasks[i, 0], tasks[i, 1], tasks[i, 2], center, pmean[i], pm2[i], pcount[i], s, q, e
-            )
-    A = mean.shape[0]
-    done = np.zeros(A, dtype=np.bool_)
-    tot = np.zeros((A, C))
+                x[tasks[i, 0]], B, C, D, tasks[i, 1], tasks[i, 2], center,
+                pmean[i], pm2[i], pcount[i], s, q, e,
+            )  # fmt: skip
+    cm = np.zeros((A, C))
+    cq = np.zeros((A, C))
+    cn = np.zeros((A, C))
     for i in range(ntasks):  # Chan-merge the partial statistics, task by task
         a = tasks[i, 0]
         for c in range(C):
             n = pcount[i, c]
-            if not done[a]:
-                mean[a, c] = pmean[i, c]
-                var[a, c] = pm2[i, c]
-            elif n > 0:
-                t2 = tot[a, c] + n
-                delta = pmean[i, c] - mean[a, c]
-                mean[a, c] += delta * n / t2
-                var[a, c] += pm2[i, c] + delta * delta * tot[a, c] * n / t2
-            tot[a, c] += n
-        done[a] = True
+            if n > 0:
+                t2 = cn[a, c] + n
+                delta = pmean[i, c] - cm[a, c]
+                cm[a, c] += delta * n / t2
+                cq[a, c] += pm2[i, c] + delta * delta * cn[a, c] * n / t2
+                cn[a, c] = t2
+    mcol = np.empty((A, C))
+    rcol = np.empty((A, C))
     for a in range(A):
-        for c in range(C):
-            v = var[a, c] / tot[a, c]
-            var[a, c] = v
-            rstd[a, c] = 1.0 / np.sqrt(v + eps)
+        _fold(cm[a], cq[a], cn[a], gs, a, mean, var, rstd, eps, mcol[a], rcol[a])
+    _apply_tasks(x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks, chunks)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):  # noqa: ANN001, ANN202
+    _, B, C, D = shape
     for t in prange(chunks.shape[0] - 1):
+        sc = np.empty(C)
+        sh = np.empty(C)
         for i in range(chunks[t], chunks[t + 1]):
+            a = tasks[i, 0]
             _normalize(
-                x, y, tasks[i, 0], tasks[i, 1], tasks[i, 2], mean, rstd, w, bias, oa, ob, oc, od, mode
-            )
+                x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
+                w, bias, oa[a], ob, oc, od, mode, sc, sh,
+            )  # fmt: skip
+
+
+def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):  # noqa: ANN001, ANN201
+    """y = (x − mean)·rstd·w + bias with given statistics (running estimates, say)."""
+    _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad_sums(x, gy, a, b_lo, b_hi, mean, rstd, w, oa, ob, oc, od, mode, sg, sgx, dw, db):  # noqa: ANN001, ANN202
-    """Per c: Σ gy·w and Σ gy·w·x̂ over x[a, b_lo:b_hi]; Σ gy·x̂ and Σ gy into dw, db."""
-    _, _, C, D = x.shape
+def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg, sgx, dw, db):  # noqa: ANN001, ANN202
+    """Per c: Σ gy·w and Σ gy·w·x̂ over rows b_lo:b_hi; Σ gy·x̂ and Σ gy into dw, db."""
     for c in range(C):
         sg[c] = 0.0
         sgx[c] = 0.0
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = mean[a, c]
-                r = rstd[a, c]
-                base = oa[a] + ob[b] + oc[c]
+                m = ma[c]
+                r = ra[c]
+                base = oa_ + ob[b] + oc[c]
+                start = (b * C + c) * D
+                xs = xa[start : start + D]
+                gys = ga[start : start + D]
+                tg = 0.0
+                tgx = 0.0
                 if mode == 0:
-                    tg = 0.0
-                    tgx = 0.0
-                    for d in range(D):
-                        g = gy[a, b, c, d]
+                    for i in range(D):
+                        g = gys[i]
                         tg += g
-                        tgx += g * (x[a, b, c, d] - m)
+                        tgx += g * (xs[i] - m)
                     tgx *= r
                     sg[c] += tg * w[base]
                     sgx[c] += tgx * w[base]
                     dw[base] += tgx
                     db[base] += tg
+                elif mode == 1:
+                    ws = w[base : base + D]
+                    dws = dw[base : base + D]
+                    dbs = db[base : base + D]
+                    for i in range(D):
+                        g = gys[i]
+                        xh = (xs[i] - m) * r
+                        tg += g * ws[i]
+                        tgx += g * ws[i] * xh
+                        dws[i] += g * xh
+                        dbs[i] += g
+                    sg[c] += tg
+                    sgx[c] += tgx
                 else:
-                    tg = 0.0
-                    tgx = 0.0
-                    for d in range(D):
-                        o = base + d if mode == 1 else base + od[d]
-                        g = gy[a, b, c, d]
-                        xh = (x[a, b, c, d] - m) * r
+                    for i in range(D):
+                        o = base + od[i]
+                        g = gys[i]
+                        xh = (xs[i] - m) * r
                         tg += g * w[o]
                         tgx += g * w[o] * xh
                         dw[o] += g * xh
                         db[o] += g
                     sg[c] += tg
                     sgx[c] += tgx
-    else:
-        for b in range(b_lo, b_hi):
-            base = oa[a] + ob[b] + od[0]
-            if mode == 0:
-                tdw = 0.0
-                tdb = 0.0
-                wv = w[base]
-                for c in range(C):
-                    g = gy[a, b, c, 0]
-                    xh = (x[a, b, c, 0] - mean[a, c]) * rstd[a, c]
-                    sg[c] += g * wv
-                    sgx[c] += g * wv * xh
-                    tdw += g * xh
-                    tdb += g
-                dw[base] += tdw
-                db[base] += tdb
-            else:
-                for c in range(C):
-                    o = base + c if mode == 1 else base + oc[c]
-                    g = gy[a, b, c, 0]
-                    xh = (x[a, b, c, 0] - mean[a, c]) * rstd[a, c]
-                    sg[c] += g * w[o]
-                    sgx[c] += g * w[o] * xh
-                    dw[o] += g * xh
-                    db[o] += g
+        return
+    for b in range(b_lo, b_hi):
+        base = oa_ + ob[b] + od[0]
+        xs = xa[b * C : b * C + C]
+        gys = ga[b * C : b * C + C]
+        if mode == 0:
+            tdw = 0.0
+            tdb = 0.0
+            wv = w[base]
+            for i in range(C):
+                g = gys[i]
+                xh = (xs[i] - ma[i]) * ra[i]
+                sg[i] += g * wv
+                sgx[i] += g * wv * xh
+                tdw += g * xh
+                tdb += g
+            dw[base] += tdw
+            db[base] += tdb
+        else:
+            for i in range(C):
+                o = base + i if mode == 1 else base + oc[i]
+                g = gys[i]
+                xh = (xs[i] - ma[i]) * ra[i]
+                sg[i] += g * w[o]
+                sgx[i] += g * w[o] * xh
+                dw[o] += g * xh
+                db[o] += g
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad_input(x, gy, gx, a, b_lo, b_hi, mean, rstd, k1, k2, w, oa, ob, oc, od, mode):  # noqa: ANN001, ANN202
-    """gx = rstd·(gy·w − k1 − x̂·k2) over x[a, b_lo:b_hi] (k1, k2 per set)."""
-    _, _, C, D = x.shape
+def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc, od, mode):  # noqa: ANN001, ANN202
+    """gx = rstd·(gy·w − k1 − x̂·k2) over rows b_lo:b_hi (k1, k2 per c)."""
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = mean[a, c]
-                r = rstd[a, c]
-                u = k1[a, c]
-                v = k2[a, c]
-                base = oa[a] + ob[b] + oc[c]
+                m = ma[c]
+                r = ra[c]
+                u = k1[c]
+                v = k2[c]
+                base = oa_ + ob[b] + oc[c]
+                start = (b * C + c) * D
+                xs = xa[start : start + D]
+                gys = ga[start : start + D]
+                out = gxa[start : start + D]
                 if mode == 0:
                     alpha = r * w[base]
                     beta = -r * r * v
                     gamma = -r * u - m * beta
-                    for d in range(D):
-                        gx[a, b, c, d] = gy[a, b, c, d] * alpha + x[a, b, c, d] * beta + gamma
+                    for i in range(D):
+                        out[i] = gys[i] * alpha + xs[i] * beta + gamma
+                elif mode == 1:
+                    ws = w[base : base + D]
+                    for i in range(D):
+                        out[i] = r * (gys[i] * ws[i] - u - (xs[i] - m) * r * v)
                 else:
-                    for d in range(D):
-                        o = base + d if mode == 1 else base + od[d]
-                        xh = (x[a, b, c, d] - m) * r
-                        gx[a, b, c, d] = r * (gy[a, b, c, d] * w[o] - u - xh * v)
-    else:
-        for b in range(b_lo, b_hi):
-            base = oa[a] + ob[b] + od[0]
-            for c in range(C):
-                o = base if mode == 0 else (base + c if mode == 1 else base + oc[c])
-                r = rstd[a, c]
-                xh = (x[a, b, c, 0] - mean[a, c]) * r
-                gx[a, b, c, 0] = r * (gy[a, b, c, 0] * w[o] - k1[a, c] - xh * k2[a, c])
+                    for i in range(D):
+                        out[i] = r * (gys[i] * w[base + od[i]] - u - (xs[i] - m) * r * v)
+        return
+    for b in range(b_lo, b_hi):
+        base = oa_ + ob[b] + od[0]
+        xs = xa[b * C : b * C + C]
+        gys = ga[b * C : b * C + C]
+        out = gxa[b * C : b * C + C]
+        if mode == 0:
+            wv = w[base]
+            for i in range(C):
+                r = ra[i]
+                out[i] = r * (gys[i] * wv - k1[i] - (xs[i] - ma[i]) * r * k2[i])
+        else:
+            for i in range(C):
+                o = base + i if mode == 1 else base + oc[i]
+                r = ra[i]
+                out[i] = r * (gys[i] * w[o] - k1[i] - (xs[i] - ma[i]) * r * k2[i])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fold_sums(sg, sgx, gs, n, center, k1, k2):  # noqa: ANN001, ANN202
+    """Per set (gs adjacent columns): k1 = mean(g), k2 = mean(g·x̂), spread over columns."""
+    for c0 in range(0, sg.shape[0], gs):
+        u = 0.0
+        v = 0.0
+        for j in range(c0, c0 + gs):
+            u += sg[j]
+            v += sgx[j]
+        for j in range(c0, c0 + gs):
+            k1[j] = u / n if center else 0.0
+            k2[j] = v / n
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def backward(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, dw, db):  # noqa: ANN001, ANN201
+def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, dw, db):  # noqa: ANN001, ANN201
     """gx, and per chunk the partial Σ gy·x̂ (dw[chunk]) and Σ gy (db[chunk]).
 
-    With ``batch`` the statistics were the batch's own, so gx carries the terms of
-    their gradient (−mean(g), −x̂·mean(g·x̂)); otherwise gx = gy·w·rstd.
+    mean, rstd: per column, (A, C). With ``batch`` the statistics were the batch's
+    own, so gx carries the terms of their gradient (−mean(g), −x̂·mean(g·x̂)), summed
+    over each set's `gs` columns; otherwise gx = gy·w·rstd.
     """
-    A, B, C, D = x.shape
+    A, B, C, D = shape
     ntasks = tasks.shape[0]
-    n = float(B * D)
+    n = float(B * D * gs)
     fused = True
     for i in range(ntasks):
         if tasks[i, 1] != 0 or tasks[i, 2] != B:
@@ -332,43 +449,43 @@ def backward(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, task
             sgx = np.empty(C)
             for i in range(chunks[t], chunks[t + 1]):
                 a = tasks[i, 0]
-                _grad_sums(x, gy, a, 0, B, mean, rstd, w, oa, ob, oc, od, mode, sg, sgx, dw[t], db[t])
+                _grad_sums(
+                    x[a], gy[a], B, C, D, 0, B, mean[a], rstd[a], w, oa[a], ob, oc, od, mode,
+                    sg, sgx, dw[t], db[t],
+                )  # fmt: skip
                 if batch:
-                    for c in range(C):
-                        k1[a, c] = sg[c] / n if center else 0.0
-                        k2[a, c] = sgx[c] / n
-                _grad_input(x, gy, gx, a, 0, B, mean, rstd, k1, k2, w, oa, ob, oc, od, mode)
+                    _fold_sums(sg, sgx, gs, n, center, k1[a], k2[a])
+                _grad_input(
+                    x[a], gy[a], gx[a], B, C, D, 0, B, mean[a], rstd[a], k1[a], k2[a], w,
+                    oa[a], ob, oc, od, mode,
+                )  # fmt: skip
         return
     psg = np.empty((ntasks, C))
     psgx = np.empty((ntasks, C))
     for t in prange(chunks.shape[0] - 1):
         for i in range(chunks[t], chunks[t + 1]):
+            a = tasks[i, 0]
             _grad_sums(
-                x, gy, tasks[i, 0], tasks[i, 1], tasks[i, 2], mean, rstd, w, oa, ob, oc, od, mode,
-                psg[i], psgx[i], dw[t], db[t],
+                x[a], gy[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a], w,
+                oa[a], ob, oc, od, mode, psg[i], psgx[i], dw[t], db[t],
             )  # fmt: skip
     if batch:
+        tg = np.zeros((A, C))
+        tgx = np.zeros((A, C))
         for i in range(ntasks):
             a = tasks[i, 0]
             for c in range(C):
-                k1[a, c] += psg[i, c] / n if center else 0.0
-                k2[a, c] += psgx[i, c] / n
+                tg[a, c] += psg[i, c]
+                tgx[a, c] += psgx[i, c]
+        for a in range(A):
+            _fold_sums(tg[a], tgx[a], gs, n, center, k1[a], k2[a])
     for t in prange(chunks.shape[0] - 1):
         for i in range(chunks[t], chunks[t + 1]):
+            a = tasks[i, 0]
             _grad_input(
-                x, gy, gx, tasks[i, 0], tasks[i, 1], tasks[i, 2], mean, rstd, k1, k2, w,
-                oa, ob, oc, od, mode,
+                x[a], gy[a], gx[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
+                k1[a], k2[a], w, oa[a], ob, oc, od, mode,
             )  # fmt: skip
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def apply(x, y, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):  # noqa: ANN001, ANN201
-    """y = (x − mean)·rstd·w + bias with given statistics (running estimates, say)."""
-    for t in prange(chunks.shape[0] - 1):
-        for i in range(chunks[t], chunks[t + 1]):
-            _normalize(
-                x, y, tasks[i, 0], tasks[i, 1], tasks[i, 2], mean, rstd, w, bias, oa, ob, oc, od, mode
-            )
 
 
 def split_tasks(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:

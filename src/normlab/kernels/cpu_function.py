@@ -34,6 +34,8 @@ class Prepared:
     """Everything a kernel call needs besides the data: canonical form, affine, work split."""
 
     canon: Canonical
+    shape: tuple[int, int, int, int]  # what the kernel sees: canon.shape, or (A, B, C·D, 1)
+    gs: int  # columns per set: D when a short innermost reduced block is folded into c
     w: np.ndarray  # float64 flat weight (ones when absent)
     b: np.ndarray  # float64 flat bias (zeros when absent)
     tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -42,8 +44,13 @@ class Prepared:
     chunks: np.ndarray
 
 
-def _mode(c: Canonical, tables: list[np.ndarray]) -> int:
-    inner = tables[3] if c.shape[3] > 1 else tables[2]
+#: A reduced innermost block shorter than this is folded into the columns (per-column
+#: statistics, merged per set): loops over runs of 2 elements would cost more than the data.
+FOLD_BELOW = 32
+
+
+def _mode(shape: tuple[int, int, int, int], tables: list[np.ndarray]) -> int:
+    inner = tables[3] if shape[3] > 1 else tables[2]
     if not inner.any():
         return 0
     if np.array_equal(inner, np.arange(len(inner))):
@@ -85,13 +92,23 @@ def prepare(
         ones = np.ones(flat.numel())
         w = _as_numpy(weight.detach().contiguous().reshape(-1)) if weight is not None else ones
         b = _as_numpy(bias.detach().contiguous().reshape(-1)) if bias is not None else 0 * ones
-    tasks, chunks = _split(c.shape, threads())
-    mode = _mode(c, tables)
-    return Prepared(c, w, b, tuple(tables), mode, tasks, chunks)
+    shape, gs = c.shape, 1
+    A, B, C, D = shape
+    if 1 < D < FOLD_BELOW:
+        shape, gs = (A, B, C * D, 1), D
+        tables = [tables[0], tables[1], (tables[2][:, None] + tables[3][None, :]).reshape(-1)]
+        tables.append(np.zeros(1, np.int64))
+    tasks, chunks = _split(shape, threads())
+    return Prepared(c, shape, gs, w, b, tuple(tables), _mode(shape, tables), tasks, chunks)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float64).cpu().numpy()
+
+
+def _rows(t: torch.Tensor, c: Canonical) -> np.ndarray:
+    """The canonical (A, B·C·D) view of a tensor laid out like the input."""
+    return flat_view(t, c).reshape(c.shape[0], -1).numpy()
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +131,7 @@ class BatchNormFunction(torch.autograd.Function):
         var = np.empty_like(mean)
         rstd = np.empty_like(mean)
         cpu.forward(
-            flat_view(xc, c).numpy(), flat_view(yc, c).numpy(), mean, var, rstd,
+            _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
             prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
             prep.tasks, prep.chunks,
         )  # fmt: skip
@@ -138,7 +155,7 @@ class BatchNormFunction(torch.autograd.Function):
                 return reference.normalize_batch(x, p, w, b, eps, center)[0]
 
             return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
-        mean, rstd = ctx.stats
+        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in ctx.stats)
         return (*_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center), None, None, None, None)
 
 
@@ -154,8 +171,9 @@ class ApplyFunction(torch.autograd.Function):
         c = prep.canon
         m = stats_from_plan(mean.detach().to(torch.float64), p, c)
         r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), p, c) + eps)
+        m, r = m.repeat_interleave(prep.gs, 1), r.repeat_interleave(prep.gs, 1)
         cpu.apply(
-            flat_view(xc, c).numpy(), flat_view(yc, c).numpy(), m.numpy(), r.numpy(),
+            _rows(xc, c), _rows(yc, c), prep.shape, m.numpy(), r.numpy(),
             prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias)
@@ -199,8 +217,7 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     dw = np.zeros((nchunks, len(prep.w)))
     db = np.zeros((nchunks, len(prep.w)))
     cpu.backward(
-        flat_view(xc, c).numpy(), flat_view(gyc, c).numpy(), flat_view(gxc, c).numpy(),
-        mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
+        _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
         prep.tasks, prep.chunks, dw, db,
     )  # fmt: skip
     gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
