@@ -36,12 +36,13 @@ class Prepared:
     canon: Canonical
     shape: tuple[int, int, int, int]  # what the kernel sees: canon.shape, or (A, B, C·D, 1)
     gs: int  # columns per set: D when a short innermost reduced block is folded into c
-    w: np.ndarray  # float64 flat weight (ones when absent)
-    b: np.ndarray  # float64 flat bias (zeros when absent)
+    w: np.ndarray  # flat weight in the compute dtype (ones when absent)
+    b: np.ndarray  # flat bias (zeros when absent)
     tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     mode: int
     tasks: np.ndarray
     chunks: np.ndarray
+    remap: np.ndarray | None  # w, b were gathered as w[remap]: scatter gradients back
 
 
 #: A reduced innermost block shorter than this is folded into the columns (per-column
@@ -84,14 +85,26 @@ def prepare(
     if weight is not None and bias is not None and weight.shape != bias.shape:
         return "weight and bias broadcast differently"
     param = weight if weight is not None else bias
+    dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    remap = None
     if param is None:
         tables = [np.zeros(size, np.int64) for size in c.shape]
-        w, b = np.ones(1), np.zeros(1)
+        w, b = np.ones(1, dtype), np.zeros(1, dtype)
     else:
         flat, tables = affine_offsets(param.detach(), x, p, c)
-        ones = np.ones(flat.numel())
-        w = _as_numpy(weight.detach().contiguous().reshape(-1)) if weight is not None else ones
-        b = _as_numpy(bias.detach().contiguous().reshape(-1)) if bias is not None else 0 * ones
+        ones = np.ones(flat.numel(), dtype)
+        w = _as_numpy(weight, dtype) if weight is not None else ones
+        b = _as_numpy(bias, dtype) if bias is not None else 0 * ones
+        inner = 3 if c.shape[3] > 1 else 2
+        if not any(tables[i].any() for i in range(4) if i != inner):
+            # the affine varies only along the innermost run, in another order than
+            # memory (LayerNorm over C,H,W of a channels_last input): gather it once
+            remap = tables[inner]
+            if remap.any() and not np.array_equal(remap, np.arange(len(remap))):
+                w, b = w[remap], b[remap]
+                tables[inner] = np.arange(len(remap), dtype=np.int64)
+            else:
+                remap = None
     shape, gs = c.shape, 1
     A, B, C, D = shape
     if 1 < D < FOLD_BELOW:
@@ -99,11 +112,13 @@ def prepare(
         tables = [tables[0], tables[1], (tables[2][:, None] + tables[3][None, :]).reshape(-1)]
         tables.append(np.zeros(1, np.int64))
     tasks, chunks = _split(shape, threads())
-    return Prepared(c, shape, gs, w, b, tuple(tables), _mode(shape, tables), tasks, chunks)
+    mode = _mode(shape, tables)
+    return Prepared(c, shape, gs, w, b, tuple(tables), mode, tasks, chunks, remap)
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float64).cpu().numpy()
+def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
+    t = t.detach().contiguous().reshape(-1)
+    return t.to(torch.float64 if dtype is np.float64 else torch.float32).numpy()
 
 
 def _rows(t: torch.Tensor, c: Canonical) -> np.ndarray:
@@ -136,8 +151,7 @@ class BatchNormFunction(torch.autograd.Function):
             prep.tasks, prep.chunks,
         )  # fmt: skip
         y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (torch.from_numpy(mean), torch.from_numpy(rstd))
+        ctx.save_for_backward(x, weight, bias, torch.from_numpy(mean), torch.from_numpy(rstd))
         ctx.args = (p, eps, center, prep)
         dtype = stats_dtype(x.dtype)
         m = stats_to_plan(torch.from_numpy(mean).to(dtype), p, c)
@@ -147,7 +161,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         p, eps, center, prep = ctx.args
         if torch.is_grad_enabled():  # create_graph: differentiate the reference path instead
 
@@ -155,7 +169,7 @@ class BatchNormFunction(torch.autograd.Function):
                 return reference.normalize_batch(x, p, w, b, eps, center)[0]
 
             return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
-        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in ctx.stats)
+        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))
         return (*_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center), None, None, None, None)
 
 
@@ -176,14 +190,13 @@ class ApplyFunction(torch.autograd.Function):
             _rows(xc, c), _rows(yc, c), prep.shape, m.numpy(), r.numpy(),
             prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (m, r)
+        ctx.save_for_backward(x, weight, bias, m, r)
         ctx.args = (p, mean, var, eps, prep)
         return yc if yc.dtype == x.dtype else yc.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, m, r = ctx.saved_tensors
         p, mean, var, eps, prep = ctx.args
         if torch.is_grad_enabled():
 
@@ -191,7 +204,6 @@ class ApplyFunction(torch.autograd.Function):
                 return reference.normalize_with(x, p, mean, var, w, b, eps)
 
             return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None, None)
-        m, r = ctx.stats
         return (*_backward(ctx, x, gy, weight, bias, m, r, prep, False, True), None, None, None, None, None)
 
 
@@ -214,16 +226,26 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
         gyc = torch.empty_like(xc).copy_(gyc)
     gxc = torch.empty_like(xc)
     nchunks = len(prep.chunks) - 1
-    dw = np.zeros((nchunks, len(prep.w)))
-    db = np.zeros((nchunks, len(prep.w)))
+    dw = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
+    db = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
     cpu.backward(
         _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
         prep.tasks, prep.chunks, dw, db,
     )  # fmt: skip
     gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
     gw = gb = None
+    dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
+    if prep.remap is not None:  # back from the gathered order
+        size = (weight if weight is not None else bias).numel()
+        dw, db = _scatter(dw, prep.remap, size), _scatter(db, prep.remap, size)
     if weight is not None and ctx.needs_input_grad[1]:
-        gw = torch.from_numpy(dw.sum(0)).to(weight.dtype).reshape(weight.shape)
+        gw = torch.from_numpy(dw).to(weight.dtype).reshape(weight.shape)
     if bias is not None and ctx.needs_input_grad[2]:
-        gb = torch.from_numpy(db.sum(0)).to(bias.dtype).reshape(bias.shape)
+        gb = torch.from_numpy(db).to(bias.dtype).reshape(bias.shape)
     return (gx if ctx.needs_input_grad[0] else None), gw, gb
+
+
+def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size)
+    np.add.at(out, index, values)
+    return out
