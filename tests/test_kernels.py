@@ -63,7 +63,7 @@ def check(x, pattern, sizes=None, affine="channel", center=True, tol=None):
     got = torch.autograd.grad(y, [xf, *params], g.to(x.dtype))
     params64 = [t for t in (w64, b64) if t is not None]
     want = torch.autograd.grad(y64, [x64, *params64], g)
-    for mine, ref in zip(got, want):
+    for mine, ref in zip(got, want, strict=True):
         scale = ref.abs().max().item() + 1.0
         torch.testing.assert_close(mine.double(), ref, atol=tol * 20 * scale, rtol=tol * 10)
 
@@ -91,7 +91,13 @@ CASES = [
     ("in nchw", lambda: _randn(3, 5, 7, 6), "n c h w -> n c", {}, "channel"),
     ("in cl", lambda: _cl(_randn(3, 5, 7, 6)), "n c h w -> n c", {}, "channel"),
     ("in 5d", lambda: _randn(2, 3, 4, 5, 3), "n c ... -> n c", {}, None),
-    ("in spatial 1", lambda: _randn(4, 6, 1, 1) * 0 + _randn(4, 6, 1, 2), "n c h w -> n c", {}, None),
+    (
+        "in spatial 1",
+        lambda: _randn(4, 6, 1, 1) * 0 + _randn(4, 6, 1, 2),
+        "n c h w -> n c",
+        {},
+        None,
+    ),
     ("gn nchw", lambda: _randn(3, 12, 5, 7), "n (g k) h w -> n g", {"g": 4}, "channel"),
     ("gn cl", lambda: _cl(_randn(3, 12, 5, 7)), "n (g k) h w -> n g", {"g": 4}, "channel"),
     ("gn group size 1", lambda: _randn(2, 6, 5, 3), "n (g k) h w -> n g", {"g": 6}, "channel"),
@@ -183,7 +189,7 @@ def test_given_statistics_path_and_gradients():
     assert y.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(yr)
     for mine, ref in zip(
-        torch.autograd.grad(y, (xd, w, b), g), torch.autograd.grad(yr, (xr, w, b), g)
+        torch.autograd.grad(y, (xd, w, b), g), torch.autograd.grad(yr, (xr, w, b), g), strict=True
     ):
         torch.testing.assert_close(mine, ref)
 

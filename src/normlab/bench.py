@@ -60,8 +60,6 @@ def _modules(case: Case):  # noqa: ANN202
     import torch
     import torch.nn.functional as F
 
-    import normlab
-
     shape = case.shape
     if len(shape) == 3:  # transformer: normalize the last dim
         d = shape[-1]
@@ -300,5 +298,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "md":
             print("| " + " | ".join(cells) + " |", flush=True)
         else:
-            print("  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(cells)), flush=True)
+            print(
+                "  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(cells)), flush=True
+            )
     return 0

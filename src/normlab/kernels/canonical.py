@@ -79,9 +79,7 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def canonicalize(
-    x: torch.Tensor, p: Plan, weight: torch.Tensor | None = None
-) -> Canonical | None:
+def canonicalize(x: torch.Tensor, p: Plan, weight: torch.Tensor | None = None) -> Canonical | None:
     """The canonical form of dense `x` under `p`, or None when the pattern does not fit.
 
     `weight` (broadcast against `x`) only steers one choice: a trailing reduced block

@@ -19,6 +19,7 @@ This module imports numba; import it only through the dispatcher, which falls ba
 to the reference path when numba is missing.
 """
 
+# ruff: noqa: ANN001, ANN201, ANN202  (Numba infers kernel types from the call)
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _block_shape(C, D):  # noqa: ANN001, ANN202
+def _block_shape(C, D):
     """Rows, columns and inner length of one two-pass block (about BLOCK elements).
 
     Blocks span many rows when runs are short, so the per-block merge stays rare.
@@ -47,7 +48,7 @@ def _block_shape(C, D):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: ANN001, ANN202
+def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):
     """Mean, sum of squared deviations and count per c over rows b_lo:b_hi of one a.
 
     `xa` is the a-th slab, flat (B·C·D); s, q, e are scratch of size C.
@@ -122,7 +123,7 @@ def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):  # noqa: 
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mode, sc, sh):  # noqa: ANN001, ANN202
+def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mode, sc, sh):
     """y = (x − mean)·rstd·w + bias over rows b_lo:b_hi of one a (ma, ra: that a's stats).
 
     `oa_` is this a's offset; sc, sh are scratch of size C.
@@ -184,7 +185,7 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _row_stats(row, center):  # noqa: ANN001, ANN202
+def _row_stats(row, center):
     """Mean and biased variance of one short row: two passes, first-order corrected."""
     n = row.shape[0]
     m = 0.0
@@ -204,7 +205,7 @@ def _row_stats(row, center):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _row_normalize(xs, ys, m, r, w, bias, base, od, mode):  # noqa: ANN001, ANN202
+def _row_normalize(xs, ys, m, r, w, bias, base, od, mode):
     n = xs.shape[0]
     if mode == 0:
         scale = r * w[base]
@@ -223,7 +224,7 @@ def _row_normalize(xs, ys, m, r, w, bias, base, od, mode):  # noqa: ANN001, ANN2
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):  # noqa: ANN001, ANN202
+def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
     """Chan-merge groups of `gs` adjacent columns into one set each; write the set's
     mean, var, rstd at row a and spread mean and rstd back over the columns."""
     for c in range(mean.shape[1]):
@@ -248,7 +249,9 @@ def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):  # noqa: ANN001,
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks):  # noqa: ANN001, ANN201
+def forward(
+    x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks
+):
     """Batch statistics of every set (into mean, var, rstd: (A, C // gs) float64) and y.
 
     x, y: (A, B·C·D) contiguous; shape = (A, B, C, D). With ``gs > 1`` each set spans
@@ -323,7 +326,7 @@ def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):  # noqa: ANN001, ANN202
+def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
     _, B, C, D = shape
     for t in prange(chunks.shape[0] - 1):
         sc = np.empty(C)
@@ -336,13 +339,13 @@ def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, 
             )  # fmt: skip
 
 
-def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):  # noqa: ANN001, ANN201
+def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
     """y = (x − mean)·rstd·w + bias with given statistics (running estimates, say)."""
     _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg, sgx, dw, db):  # noqa: ANN001, ANN202
+def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg, sgx, dw, db):
     """Per c: Σ gy·w and Σ gy·w·x̂ over rows b_lo:b_hi; Σ gy·x̂ and Σ gy into dw, db."""
     for c in range(C):
         sg[c] = 0.0
@@ -422,7 +425,7 @@ def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc, od, mode):  # noqa: ANN001, ANN202
+def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc, od, mode):
     """gx = rstd·(gy·w − k1 − x̂·k2) over rows b_lo:b_hi (k1, k2 per c)."""
     if D > 1:
         for b in range(b_lo, b_hi):
@@ -468,7 +471,7 @@ def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _fold_sums(sg, sgx, gs, n, center, k1, k2):  # noqa: ANN001, ANN202
+def _fold_sums(sg, sgx, gs, n, center, k1, k2):
     """Per set (gs adjacent columns): k1 = mean(g), k2 = mean(g·x̂), spread over columns."""
     for c0 in range(0, sg.shape[0], gs):
         u = 0.0
@@ -482,7 +485,9 @@ def _fold_sums(sg, sgx, gs, n, center, k1, k2):  # noqa: ANN001, ANN202
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, dw, db):  # noqa: ANN001, ANN201
+def backward(
+    x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, dw, db
+):
     """gx, and per chunk the partial Σ gy·x̂ (dw[chunk]) and Σ gy (db[chunk]).
 
     mean, rstd: per column, (A, C). With ``batch`` the statistics were the batch's

@@ -170,7 +170,13 @@ class BatchNormFunction(torch.autograd.Function):
 
             return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
         mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))
-        return (*_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center), None, None, None, None)
+        return (
+            *_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class ApplyFunction(torch.autograd.Function):
@@ -203,16 +209,34 @@ class ApplyFunction(torch.autograd.Function):
             def again(x, w, b):  # noqa: ANN001, ANN202
                 return reference.normalize_with(x, p, mean, var, w, b, eps)
 
-            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None, None)
-        return (*_backward(ctx, x, gy, weight, bias, m, r, prep, False, True), None, None, None, None, None)
+            return (
+                *_through_reference(again, (x, weight, bias), gy, ctx),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        return (
+            *_backward(ctx, x, gy, weight, bias, m, r, prep, False, True),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _through_reference(fn, inputs, gy, ctx):  # noqa: ANN001, ANN202
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3]) if need and t is not None]
+    wanted = [
+        t
+        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
+        if need and t is not None
+    ]
     grads = iter(torch.autograd.grad(fn(*inputs), wanted, gy, create_graph=True))
     return tuple(
         next(grads) if need and t is not None else None
-        for t, need in zip(inputs, ctx.needs_input_grad[:3])
+        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
     )
 
 

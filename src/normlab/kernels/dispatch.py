@@ -169,7 +169,9 @@ def normalize_batch(
     """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``."""
     kind, what = _choose(x, p, weight, bias)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("normalize_batch %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what))
+        log.debug(
+            "normalize_batch %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
+        )
     if kind == "reference":
         return reference.normalize_batch(x, p, weight, bias, eps, center)
     xin = x if _dense(x) else x.contiguous()

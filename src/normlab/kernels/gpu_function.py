@@ -1,0 +1,162 @@
+"""Autograd Functions over the Triton kernels (CUDA tensors; float32, bfloat16, float16).
+
+UNTESTED HERE (no GPU where it was written): see ``gpu.py``. Same contract as the CPU
+path: saved for backward are the input and (mean, 1/std) per set; double backward
+recomputes through the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from normlab.kernels import reference
+from normlab.kernels.canonical import (
+    Canonical,
+    affine_offsets,
+    canonicalize,
+    flat_view,
+    stats_from_plan,
+    stats_to_plan,
+)
+from normlab.kernels.cpu_function import _through_reference
+from normlab.moments import stats_dtype
+from normlab.pattern import Plan
+
+BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class GpuPrepared:
+    """The canonical form, the float32 affine and its four offset tables, on the device."""
+
+    canon: Canonical
+    w: torch.Tensor
+    b: torch.Tensor
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def prepare_gpu(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> GpuPrepared | str:
+    """The kernels' view of one call, or the reason they cannot take it."""
+    if x.dtype == torch.float64:
+        return "float64 on the GPU (the kernels accumulate in float32)"
+    c = canonicalize(x, p, weight if weight is not None else bias)
+    if c is None:
+        return f"pattern '{p.pattern.text}' does not fit K R K R in memory order"
+    if weight is not None and bias is not None and weight.shape != bias.shape:
+        return "weight and bias broadcast differently"
+    param = weight if weight is not None else bias
+    if param is None:
+        tables = [torch.zeros(size, dtype=torch.int64) for size in c.shape]
+        w, b = x.new_ones(1, dtype=torch.float32), x.new_zeros(1, dtype=torch.float32)
+    else:
+        flat, arrays = affine_offsets(param.detach(), x, p, c)
+        tables = [torch.from_numpy(t) for t in arrays]
+        w = (
+            _flat(weight)
+            if weight is not None
+            else flat.new_ones(flat.numel(), dtype=torch.float32)
+        )
+        b = _flat(bias) if bias is not None else torch.zeros_like(w)
+    return GpuPrepared(c, w, b, tuple(t.to(x.device) for t in tables))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).to(torch.float32)
+
+
+def _grid(c: Canonical) -> tuple[int]:
+    return (c.shape[0] * c.shape[2],)
+
+
+class GpuBatchNormFunction(torch.autograd.Function):
+    """(y, mean, var) with batch statistics; mean and var are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, eps, center, prep):  # noqa: ANN001, ANN205
+        from normlab.kernels import gpu
+
+        c = prep.canon
+        y = torch.empty_like(x)
+        sets = torch.empty(3, c.shape[0], c.shape[2], device=x.device, dtype=torch.float32)
+        gpu.forward_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(y, c), sets[0], sets[1], sets[2],
+            prep.w, prep.b, *prep.tables, c.shape[1], c.shape[2], c.shape[3], float(eps),
+            CENTER=bool(center), BLOCK=BLOCK,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, sets[0], sets[2])
+        ctx.args = (p, eps, center, prep)
+        dtype = stats_dtype(x.dtype)
+        mean, var = stats_to_plan(sets[0].to(dtype), p, c), stats_to_plan(sets[1].to(dtype), p, c)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        p, eps, center, prep = ctx.args
+        if torch.is_grad_enabled():
+
+            def again(x, w, b):  # noqa: ANN001, ANN202
+                return reference.normalize_batch(x, p, w, b, eps, center)[0]
+
+            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
+        grads = _backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center)
+        return (*grads, None, None, None, None)
+
+
+class GpuApplyFunction(torch.autograd.Function):
+    """y = (x − mean)·rsqrt(var + eps)·weight + bias with statistics that need no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, mean, var, eps, prep):  # noqa: ANN001, ANN205
+        from normlab.kernels import gpu
+
+        c = prep.canon
+        m = stats_from_plan(mean.detach().to(torch.float32), p, c)
+        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float32), p, c) + eps)
+        y = torch.empty_like(x)
+        gpu.apply_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(y, c), m, r, prep.w, prep.b, *prep.tables,
+            c.shape[1], c.shape[2], c.shape[3], BLOCK=BLOCK,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, m, r)
+        ctx.args = (p, mean, var, eps, prep)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, weight, bias, m, r = ctx.saved_tensors
+        p, mean, var, eps, prep = ctx.args
+        if torch.is_grad_enabled():
+
+            def again(x, w, b):  # noqa: ANN001, ANN202
+                return reference.normalize_with(x, p, mean, var, w, b, eps)
+
+            grads = _through_reference(again, (x, weight, bias), gy, ctx)
+            return (*grads, None, None, None, None, None)
+        grads = _backward(ctx, x, gy, weight, bias, m, r, prep, False, True)
+        return (*grads, None, None, None, None, None)
+
+
+def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noqa: ANN001, ANN202
+    from normlab.kernels import gpu
+
+    c = prep.canon
+    gy = gy.detach()
+    if gy.stride() != x.stride():
+        gy = torch.empty_like(x).copy_(gy)
+    gx = torch.empty_like(x)
+    dw = torch.zeros_like(prep.w)
+    db = torch.zeros_like(prep.w)
+    gpu.backward_kernel[_grid(c)](
+        flat_view(x.detach(), c), flat_view(gy, c), flat_view(gx, c), mean, rstd, prep.w,
+        dw, db, *prep.tables, c.shape[1], c.shape[2], c.shape[3],
+        BATCH=bool(batch), CENTER=bool(center), BLOCK=BLOCK,
+    )  # fmt: skip
+    gw = dw.to(weight.dtype).reshape(weight.shape) if weight is not None else None
+    gb = db.to(bias.dtype).reshape(bias.shape) if bias is not None else None
+    return (gx if ctx.needs_input_grad[0] else None), gw, gb
