@@ -77,7 +77,7 @@ def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):
                             for c in range(c0, c1):
                                 start = (b * C + c) * D
                                 seg = xa[start + d0 : start + d1]
-                                t = 0.0
+                                t = xa.dtype.type(0)
                                 for i in range(seg.shape[0]):
                                     t += seg[i]
                                 s[c] += t
@@ -94,8 +94,8 @@ def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):
                             start = (b * C + c) * D
                             seg = xa[start + d0 : start + d1]
                             m = s[c]
-                            tq = 0.0
-                            te = 0.0
+                            tq = xa.dtype.type(0)
+                            te = xa.dtype.type(0)
                             for i in range(seg.shape[0]):
                                 v = seg[i] - m
                                 te += v
@@ -131,15 +131,15 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = ma[c]
-                r = ra[c]
+                m = xa.dtype.type(ma[c])
+                r = xa.dtype.type(ra[c])
                 base = oa_ + ob[b] + oc[c]
                 start = (b * C + c) * D
                 xs = xa[start : start + D]
                 ys = ya[start : start + D]
                 if mode == 0:
-                    scale = r * w[base]
-                    shift = bias[base] - m * scale
+                    scale = xa.dtype.type(ra[c] * w[base])
+                    shift = xa.dtype.type(bias[base] - ma[c] * ra[c] * w[base])
                     for i in range(D):
                         ys[i] = xs[i] * scale + shift
                 elif mode == 1:
@@ -188,28 +188,32 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
 def _row_stats(row, center):
     """Mean and biased variance of one short row: two passes, first-order corrected."""
     n = row.shape[0]
-    m = 0.0
+    m = row.dtype.type(0)
     if center:
+        total = row.dtype.type(0)
         for i in range(n):
-            m += row[i]
-        m /= n
-    q = 0.0
-    e = 0.0
+            total += row[i]
+        m = row.dtype.type(total / n)
+    q = row.dtype.type(0)
+    e = row.dtype.type(0)
     for i in range(n):
         v = row[i] - m
         e += v
         q += v * v
     if not center:
-        return 0.0, q / n
-    return m + e / n, max(q - e * e / n, 0.0) / n
+        return 0.0, np.float64(q) / n
+    mean = np.float64(m) + np.float64(e) / n
+    return mean, max(np.float64(q) - np.float64(e) * e / n, 0.0) / n
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _row_normalize(xs, ys, m, r, w, bias, base, od, mode):
+def _row_normalize(xs, ys, mean, rstd, w, bias, base, od, mode):
     n = xs.shape[0]
+    m = xs.dtype.type(mean)
+    r = xs.dtype.type(rstd)
     if mode == 0:
-        scale = r * w[base]
-        shift = bias[base] - m * scale
+        scale = xs.dtype.type(rstd * w[base])
+        shift = xs.dtype.type(bias[base] - mean * rstd * w[base])
         for i in range(n):
             ys[i] = xs[i] * scale + shift
     elif mode == 1:
@@ -280,11 +284,11 @@ def forward(
             pm = np.empty(C)
             pq = np.empty(C)
             pn = np.empty(C)
-            s = np.empty(C)
-            q = np.empty(C)
-            e = np.empty(C)
-            mcol = np.empty(C)
-            rcol = np.empty(C)
+            s = np.empty(C, x.dtype)
+            q = np.empty(C, x.dtype)
+            e = np.empty(C, x.dtype)
+            mcol = np.empty(C, x.dtype)
+            rcol = np.empty(C, x.dtype)
             for i in range(chunks[t], chunks[t + 1]):
                 a = tasks[i, 0]
                 _stats(x[a], B, C, D, 0, B, center, pm, pq, pn, s, q, e)
@@ -297,9 +301,9 @@ def forward(
     pm2 = np.empty((ntasks, C))
     pcount = np.empty((ntasks, C))
     for t in prange(chunks.shape[0] - 1):
-        s = np.empty(C)
-        q = np.empty(C)
-        e = np.empty(C)
+        s = np.empty(C, x.dtype)
+        q = np.empty(C, x.dtype)
+        e = np.empty(C, x.dtype)
         for i in range(chunks[t], chunks[t + 1]):
             _stats(
                 x[tasks[i, 0]], B, C, D, tasks[i, 1], tasks[i, 2], center,
@@ -318,8 +322,8 @@ def forward(
                 cm[a, c] += delta * n / t2
                 cq[a, c] += pm2[i, c] + delta * delta * cn[a, c] * n / t2
                 cn[a, c] = t2
-    mcol = np.empty((A, C))
-    rcol = np.empty((A, C))
+    mcol = np.empty((A, C), x.dtype)
+    rcol = np.empty((A, C), x.dtype)
     for a in range(A):
         _fold(cm[a], cq[a], cn[a], gs, a, mean, var, rstd, eps, mcol[a], rcol[a])
     _apply_tasks(x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks, chunks)
@@ -329,8 +333,8 @@ def forward(
 def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
     _, B, C, D = shape
     for t in prange(chunks.shape[0] - 1):
-        sc = np.empty(C)
-        sh = np.empty(C)
+        sc = np.empty(C, x.dtype)
+        sh = np.empty(C, x.dtype)
         for i in range(chunks[t], chunks[t + 1]):
             a = tasks[i, 0]
             _normalize(
@@ -353,14 +357,14 @@ def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = ma[c]
-                r = ra[c]
+                m = xa.dtype.type(ma[c])
+                r = xa.dtype.type(ra[c])
                 base = oa_ + ob[b] + oc[c]
                 start = (b * C + c) * D
                 xs = xa[start : start + D]
                 gys = ga[start : start + D]
-                tg = 0.0
-                tgx = 0.0
+                tg = xa.dtype.type(0)
+                tgx = xa.dtype.type(0)
                 if mode == 0:
                     for i in range(D):
                         g = gys[i]
@@ -430,19 +434,19 @@ def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc
     if D > 1:
         for b in range(b_lo, b_hi):
             for c in range(C):
-                m = ma[c]
-                r = ra[c]
-                u = k1[c]
-                v = k2[c]
+                m = xa.dtype.type(ma[c])
+                r = xa.dtype.type(ra[c])
+                u = xa.dtype.type(k1[c])
+                v = xa.dtype.type(k2[c])
                 base = oa_ + ob[b] + oc[c]
                 start = (b * C + c) * D
                 xs = xa[start : start + D]
                 gys = ga[start : start + D]
                 out = gxa[start : start + D]
                 if mode == 0:
-                    alpha = r * w[base]
-                    beta = -r * r * v
-                    gamma = -r * u - m * beta
+                    alpha = xa.dtype.type(ra[c] * w[base])
+                    beta = xa.dtype.type(-ra[c] * ra[c] * k2[c])
+                    gamma = xa.dtype.type(-ra[c] * k1[c] + ma[c] * ra[c] * ra[c] * k2[c])
                     for i in range(D):
                         out[i] = gys[i] * alpha + xs[i] * beta + gamma
                 elif mode == 1:
@@ -501,8 +505,8 @@ def backward(
     for i in range(ntasks):
         if tasks[i, 1] != 0 or tasks[i, 2] != B:
             fused = False
-    k1 = np.zeros((A, C))
-    k2 = np.zeros((A, C))
+    k1 = np.zeros((A, C), x.dtype)
+    k2 = np.zeros((A, C), x.dtype)
     if fused:
         for t in prange(chunks.shape[0] - 1):
             sg = np.empty(C)

@@ -169,7 +169,7 @@ class BatchNormFunction(torch.autograd.Function):
                 return reference.normalize_batch(x, p, w, b, eps, center)[0]
 
             return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
-        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))
+        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))  # per column
         return (
             *_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center),
             None,
@@ -191,7 +191,7 @@ class ApplyFunction(torch.autograd.Function):
         c = prep.canon
         m = stats_from_plan(mean.detach().to(torch.float64), p, c)
         r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), p, c) + eps)
-        m, r = m.repeat_interleave(prep.gs, 1), r.repeat_interleave(prep.gs, 1)
+        m, r = (t.repeat_interleave(prep.gs, 1).to(xc.dtype) for t in (m, r))
         cpu.apply(
             _rows(xc, c), _rows(yc, c), prep.shape, m.numpy(), r.numpy(),
             prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
@@ -249,6 +249,7 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     if gyc.stride() != xc.stride():  # the kernel reads gy in x's memory order
         gyc = torch.empty_like(xc).copy_(gyc)
     gxc = torch.empty_like(xc)
+    mean, rstd = mean.to(xc.dtype), rstd.to(xc.dtype)
     nchunks = len(prep.chunks) - 1
     dw = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
     db = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
