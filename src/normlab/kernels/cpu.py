@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 FASTMATH = {"reassoc", "contract"}
+ROWS = 64  # rows summed in the input's dtype before a float64 flush (column families)
 BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
 
 
@@ -152,12 +153,7 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
                         o = base + od[i]
                         ys[i] = (xs[i] - m) * r * w[o] + bias[o]
         return
-    b_const = True
-    for b in range(b_lo, b_hi):
-        if ob[b] != ob[b_lo]:
-            b_const = False
-            break
-    if b_const:  # one scale and shift per c for every row: precompute them
+    if _rows_share_affine(ob, b_lo, b_hi):  # one scale and shift per c for every row: precompute them
         base = oa_ + ob[b_lo] + od[0]
         for c in range(C):
             o = base if mode == 0 else base + oc[c]
@@ -349,6 +345,14 @@ def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks)
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _rows_share_affine(ob, b_lo, b_hi):
+    for b in range(b_lo, b_hi):
+        if ob[b] != ob[b_lo]:
+            return False
+    return True
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg, sgx, dw, db):
     """Per c: Σ gy·w and Σ gy·w·x̂ over rows b_lo:b_hi; Σ gy·x̂ and Σ gy into dw, db."""
     for c in range(C):
@@ -400,7 +404,30 @@ def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg
                     sg[c] += tg
                     sgx[c] += tgx
         return
-    for b in range(b_lo, b_hi):
+    if _rows_share_affine(ob, b_lo, b_hi):
+        # one affine value per column for all rows: accumulate Σg and Σg·x̂ per column in
+        # the input's dtype for ROWS rows at a time, then fold in the affine (float64)
+        base = oa_ + ob[b_lo] + od[0]
+        acc1 = np.zeros(C, xa.dtype)
+        acc2 = np.zeros(C, xa.dtype)
+        for r0 in range(b_lo, b_hi, ROWS):
+            for b in range(r0, min(r0 + ROWS, b_hi)):
+                xs = xa[b * C : b * C + C]
+                gys = ga[b * C : b * C + C]
+                for i in range(C):
+                    g = gys[i]
+                    acc1[i] += g
+                    acc2[i] += g * ((xs[i] - ma[i]) * ra[i])
+            for i in range(C):
+                o = base if mode == 0 else (base + i if mode == 1 else base + oc[i])
+                sg[i] += w[o] * acc1[i]
+                sgx[i] += w[o] * acc2[i]
+                dw[o] += acc2[i]
+                db[o] += acc1[i]
+                acc1[i] = 0
+                acc2[i] = 0
+        return
+    for b in range(b_lo, b_hi):  # the affine changes from row to row (LayerNorm2d, NCHW)
         base = oa_ + ob[b] + od[0]
         xs = xa[b * C : b * C + C]
         gys = ga[b * C : b * C + C]
@@ -419,7 +446,7 @@ def _grad_sums(xa, ga, B, C, D, b_lo, b_hi, ma, ra, w, oa_, ob, oc, od, mode, sg
             db[base] += tdb
         else:
             for i in range(C):
-                o = base + i if mode == 1 else base + oc[i]
+                o = base + oc[i]
                 g = gys[i]
                 xh = (xs[i] - ma[i]) * ra[i]
                 sg[i] += g * w[o]
@@ -457,19 +484,37 @@ def _grad_input(xa, ga, gxa, B, C, D, b_lo, b_hi, ma, ra, k1, k2, w, oa_, ob, oc
                     for i in range(D):
                         out[i] = r * (gys[i] * w[base + od[i]] - u - (xs[i] - m) * r * v)
         return
+    if _rows_share_affine(ob, b_lo, b_hi):  # gx = gy·α + x·β + γ with α, β, γ per column
+        base = oa_ + ob[b_lo] + od[0]
+        alpha = np.empty(C, xa.dtype)
+        beta = np.empty(C, xa.dtype)
+        gamma = np.empty(C, xa.dtype)
+        for i in range(C):
+            o = base if mode == 0 else (base + i if mode == 1 else base + oc[i])
+            r = np.float64(ra[i])
+            alpha[i] = r * w[o]
+            beta[i] = -r * r * k2[i]
+            gamma[i] = -r * k1[i] + ma[i] * r * r * k2[i]
+        for b in range(b_lo, b_hi):
+            xs = xa[b * C : b * C + C]
+            gys = ga[b * C : b * C + C]
+            out = gxa[b * C : b * C + C]
+            for i in range(C):
+                out[i] = gys[i] * alpha[i] + xs[i] * beta[i] + gamma[i]
+        return
     for b in range(b_lo, b_hi):
         base = oa_ + ob[b] + od[0]
         xs = xa[b * C : b * C + C]
         gys = ga[b * C : b * C + C]
         out = gxa[b * C : b * C + C]
         if mode == 0:
-            wv = w[base]
+            wv = xa.dtype.type(w[base])
             for i in range(C):
                 r = ra[i]
                 out[i] = r * (gys[i] * wv - k1[i] - (xs[i] - ma[i]) * r * k2[i])
         else:
             for i in range(C):
-                o = base + i if mode == 1 else base + oc[i]
+                o = base + oc[i]
                 r = ra[i]
                 out[i] = r * (gys[i] * w[o] - k1[i] - (xs[i] - ma[i]) * r * k2[i])
 
