@@ -23,7 +23,7 @@ to the reference path when numba is missing.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 FASTMATH = {"reassoc", "contract"}
 ROWS = 64  # rows summed in the input's dtype before a float64 flush (column families)
@@ -153,7 +153,9 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
                         o = base + od[i]
                         ys[i] = (xs[i] - m) * r * w[o] + bias[o]
         return
-    if _rows_share_affine(ob, b_lo, b_hi):  # one scale and shift per c for every row: precompute them
+    if _rows_share_affine(
+        ob, b_lo, b_hi
+    ):  # one scale and shift per c for every row: precompute them
         base = oa_ + ob[b_lo] + od[0]
         for c in range(C):
             o = base if mode == 0 else base + oc[c]
@@ -248,67 +250,55 @@ def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
             rcol[j] = r
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def forward(
-    x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks
-):
-    """Batch statistics of every set (into mean, var, rstd: (A, C // gs) float64) and y.
-
-    x, y: (A, B·C·D) contiguous; shape = (A, B, C, D). With ``gs > 1`` each set spans
-    `gs` adjacent columns c (a short innermost reduced axis folded into c, D = 1):
-    statistics are taken per column, then Chan-merged per set.
-    """
-    A, B, C, D = shape
-    ntasks = tasks.shape[0]
-    fused = True
-    for i in range(ntasks):
-        if tasks[i, 1] != 0 or tasks[i, 2] != B:
-            fused = False
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+    """Tasks t0:t1, each whole sets: statistics, then the output while the slab is in cache."""
+    _, B, C, D = shape
     if B == 1 and C == 1 and D <= BLOCK:  # many short rows (LayerNorm): no blocking needed
-        for t in prange(chunks.shape[0] - 1):
-            for i in range(chunks[t], chunks[t + 1]):
-                a = tasks[i, 0]
-                m, v = _row_stats(x[a], center)
-                r = 1.0 / np.sqrt(v + eps)
-                mean[a, 0] = m
-                var[a, 0] = v
-                rstd[a, 0] = r
-                _row_normalize(x[a], y[a], m, r, w, bias, oa[a] + ob[0] + oc[0], od, mode)
+        for i in range(t0, t1):
+            a = tasks[i, 0]
+            m, v = _row_stats(x[a], center)
+            r = 1.0 / np.sqrt(v + eps)
+            mean[a, 0] = m
+            var[a, 0] = v
+            rstd[a, 0] = r
+            _row_normalize(x[a], y[a], m, r, w, bias, oa[a] + ob[0] + oc[0], od, mode)
         return
-    if fused:
-        for t in prange(chunks.shape[0] - 1):
-            pm = np.empty(C)
-            pq = np.empty(C)
-            pn = np.empty(C)
-            s = np.empty(C, x.dtype)
-            q = np.empty(C, x.dtype)
-            e = np.empty(C, x.dtype)
-            mcol = np.empty(C, x.dtype)
-            rcol = np.empty(C, x.dtype)
-            for i in range(chunks[t], chunks[t + 1]):
-                a = tasks[i, 0]
-                _stats(x[a], B, C, D, 0, B, center, pm, pq, pn, s, q, e)
-                _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol)
-                _normalize(
-                    x[a], y[a], B, C, D, 0, B, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q
-                )
-        return
-    pmean = np.empty((ntasks, C))
-    pm2 = np.empty((ntasks, C))
-    pcount = np.empty((ntasks, C))
-    for t in prange(chunks.shape[0] - 1):
-        s = np.empty(C, x.dtype)
-        q = np.empty(C, x.dtype)
-        e = np.empty(C, x.dtype)
-        for i in range(chunks[t], chunks[t + 1]):
-            _stats(
-                x[tasks[i, 0]], B, C, D, tasks[i, 1], tasks[i, 2], center,
-                pmean[i], pm2[i], pcount[i], s, q, e,
-            )  # fmt: skip
+    pm = np.empty(C)
+    pq = np.empty(C)
+    pn = np.empty(C)
+    s = np.empty(C, x.dtype)
+    q = np.empty(C, x.dtype)
+    e = np.empty(C, x.dtype)
+    mcol = np.empty(C, x.dtype)
+    rcol = np.empty(C, x.dtype)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _stats(x[a], B, C, D, 0, B, center, pm, pq, pn, s, q, e)
+        _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol)
+        _normalize(x[a], y[a], B, C, D, 0, B, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _partial_stats(x, shape, center, tasks, pmean, pm2, pcount, t0, t1):
+    """Per task t0:t1 (a slice of rows of one a): mean, M2 and count per column."""
+    _, B, C, D = shape
+    s = np.empty(C, x.dtype)
+    q = np.empty(C, x.dtype)
+    e = np.empty(C, x.dtype)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _stats(x[a], B, C, D, tasks[i, 1], tasks[i, 2], center, pmean[i], pm2[i], pcount[i], s, q, e)  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol):
+    """Chan-merge the partial statistics task by task, then per set (gs columns)."""
+    A, C = mcol.shape
     cm = np.zeros((A, C))
     cq = np.zeros((A, C))
     cn = np.zeros((A, C))
-    for i in range(ntasks):  # Chan-merge the partial statistics, task by task
+    for i in range(tasks.shape[0]):
         a = tasks[i, 0]
         for c in range(C):
             n = pcount[i, c]
@@ -318,30 +308,22 @@ def forward(
                 cm[a, c] += delta * n / t2
                 cq[a, c] += pm2[i, c] + delta * delta * cn[a, c] * n / t2
                 cn[a, c] = t2
-    mcol = np.empty((A, C), x.dtype)
-    rcol = np.empty((A, C), x.dtype)
     for a in range(A):
         _fold(cm[a], cq[a], cn[a], gs, a, mean, var, rstd, eps, mcol[a], rcol[a])
-    _apply_tasks(x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks, chunks)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, t0, t1):
+    """y for tasks t0:t1 with per-column statistics mean, rstd (A, C)."""
     _, B, C, D = shape
-    for t in prange(chunks.shape[0] - 1):
-        sc = np.empty(C, x.dtype)
-        sh = np.empty(C, x.dtype)
-        for i in range(chunks[t], chunks[t + 1]):
-            a = tasks[i, 0]
-            _normalize(
-                x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
-                w, bias, oa[a], ob, oc, od, mode, sc, sh,
-            )  # fmt: skip
-
-
-def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
-    """y = (x − mean)·rstd·w + bias with given statistics (running estimates, say)."""
-    _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks)
+    sc = np.empty(C, x.dtype)
+    sh = np.empty(C, x.dtype)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _normalize(
+            x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
+            w, bias, oa[a], ob, oc, od, mode, sc, sh,
+        )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -533,72 +515,132 @@ def _fold_sums(sg, sgx, gs, n, center, k1, k2):
             k2[j] = v / n
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def backward(
-    x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, dw, db
-):
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
+    """Tasks t0:t1, each whole sets: the sums, then gx while the slab is in cache."""
+    _, B, C, D = shape
+    n = float(B * D * gs)
+    sg = np.empty(C)
+    sgx = np.empty(C)
+    k1 = np.zeros(C, x.dtype)
+    k2 = np.zeros(C, x.dtype)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _grad_sums(x[a], gy[a], B, C, D, 0, B, mean[a], rstd[a], w, oa[a], ob, oc, od, mode, sg, sgx, dw, db)  # fmt: skip
+        if batch:
+            _fold_sums(sg, sgx, gs, n, center, k1, k2)
+        _grad_input(x[a], gy[a], gx[a], B, C, D, 0, B, mean[a], rstd[a], k1, k2, w, oa[a], ob, oc, od, mode)  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _partial_grad_sums(x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, dw, db, t0, t1):  # fmt: skip
+    _, B, C, D = shape
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _grad_sums(
+            x[a], gy[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a], w,
+            oa[a], ob, oc, od, mode, psg[i], psgx[i], dw, db,
+        )  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _merge_grad_sums(tasks, psg, psgx, gs, n, center, k1, k2):
+    A, C = k1.shape
+    tg = np.zeros((A, C))
+    tgx = np.zeros((A, C))
+    for i in range(tasks.shape[0]):
+        a = tasks[i, 0]
+        for c in range(C):
+            tg[a, c] += psg[i, c]
+            tgx[a, c] += psgx[i, c]
+    for a in range(A):
+        _fold_sums(tg[a], tgx[a], gs, n, center, k1[a], k2[a])
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _grad_input_tasks(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks, t0, t1):  # fmt: skip
+    _, B, C, D = shape
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _grad_input(
+            x[a], gy[a], gx[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
+            k1[a], k2[a], w, oa[a], ob, oc, od, mode,
+        )  # fmt: skip
+
+
+# Entry points. The kernels release the GIL; chunks run on a small thread pool (one
+# chunk on the calling thread), so no OpenMP runtime competes with torch's for cores.
+
+_pool: list = [None, 0]  # the executor and its number of workers
+
+
+def _run(fn, chunks: np.ndarray, *args, rows: tuple | None = None) -> None:
+    """fn(*args, [dw[t], db[t],] lo, hi) for every chunk t, in parallel; chunk 0 here."""
+    n = len(chunks) - 1
+
+    def call(t: int) -> None:
+        extra = (rows[0][t], rows[1][t]) if rows is not None else ()
+        fn(*args, *extra, chunks[t], chunks[t + 1])
+
+    if n > 1 and _pool[1] < n - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool[0] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="normlab")
+        _pool[1] = n - 1
+    futures = [_pool[0].submit(call, t) for t in range(1, n)]
+    call(0)
+    for future in futures:
+        future.result()
+
+
+def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks, fused):  # fmt: skip
+    """Batch statistics of every set (into mean, var, rstd: (A, C // gs) float64) and y.
+
+    x, y: (A, B·C·D) contiguous; shape = (A, B, C, D). With ``gs > 1`` each set spans
+    `gs` adjacent columns c (a short innermost reduced axis folded into c, D = 1):
+    statistics are taken per column, then Chan-merged per set.
+    """
+    if fused:
+        _run(_forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks)  # fmt: skip
+        return
+    ntasks, C = len(tasks), shape[2]
+    pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
+    _run(_partial_stats, chunks, x, shape, center, tasks, pmean, pm2, pcount)
+    mcol, rcol = np.empty((shape[0], C), x.dtype), np.empty((shape[0], C), x.dtype)
+    _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol)
+    _run(_apply_tasks, chunks, x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks)
+
+
+def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
+    """y = (x − mean)·rstd·w + bias with given per-column statistics (running estimates)."""
+    _run(_apply_tasks, chunks, x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks)
+
+
+def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, fused, dw, db):  # fmt: skip
     """gx, and per chunk the partial Σ gy·x̂ (dw[chunk]) and Σ gy (db[chunk]).
 
     mean, rstd: per column, (A, C). With ``batch`` the statistics were the batch's
     own, so gx carries the terms of their gradient (−mean(g), −x̂·mean(g·x̂)), summed
     over each set's `gs` columns; otherwise gx = gy·w·rstd.
     """
-    A, B, C, D = shape
-    ntasks = tasks.shape[0]
-    n = float(B * D * gs)
-    fused = True
-    for i in range(ntasks):
-        if tasks[i, 1] != 0 or tasks[i, 2] != B:
-            fused = False
-    k1 = np.zeros((A, C), x.dtype)
-    k2 = np.zeros((A, C), x.dtype)
+    rows = (dw, db)  # each chunk accumulates into its own row: no two threads share one
     if fused:
-        for t in prange(chunks.shape[0] - 1):
-            sg = np.empty(C)
-            sgx = np.empty(C)
-            for i in range(chunks[t], chunks[t + 1]):
-                a = tasks[i, 0]
-                _grad_sums(
-                    x[a], gy[a], B, C, D, 0, B, mean[a], rstd[a], w, oa[a], ob, oc, od, mode,
-                    sg, sgx, dw[t], db[t],
-                )  # fmt: skip
-                if batch:
-                    _fold_sums(sg, sgx, gs, n, center, k1[a], k2[a])
-                _grad_input(
-                    x[a], gy[a], gx[a], B, C, D, 0, B, mean[a], rstd[a], k1[a], k2[a], w,
-                    oa[a], ob, oc, od, mode,
-                )  # fmt: skip
+        _run(_backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, rows=rows)  # fmt: skip
         return
-    psg = np.empty((ntasks, C))
-    psgx = np.empty((ntasks, C))
-    for t in prange(chunks.shape[0] - 1):
-        for i in range(chunks[t], chunks[t + 1]):
-            a = tasks[i, 0]
-            _grad_sums(
-                x[a], gy[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a], w,
-                oa[a], ob, oc, od, mode, psg[i], psgx[i], dw[t], db[t],
-            )  # fmt: skip
+    A, _, C, D = shape
+    psg, psgx = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
+    _run(_partial_grad_sums, chunks, x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, rows=rows)  # fmt: skip
+    k1, k2 = np.zeros((A, C), x.dtype), np.zeros((A, C), x.dtype)
     if batch:
-        tg = np.zeros((A, C))
-        tgx = np.zeros((A, C))
-        for i in range(ntasks):
-            a = tasks[i, 0]
-            for c in range(C):
-                tg[a, c] += psg[i, c]
-                tgx[a, c] += psgx[i, c]
-        for a in range(A):
-            _fold_sums(tg[a], tgx[a], gs, n, center, k1[a], k2[a])
-    for t in prange(chunks.shape[0] - 1):
-        for i in range(chunks[t], chunks[t + 1]):
-            a = tasks[i, 0]
-            _grad_input(
-                x[a], gy[a], gx[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
-                k1[a], k2[a], w, oa[a], ob, oc, od, mode,
-            )  # fmt: skip
+        _merge_grad_sums(tasks, psg, psgx, gs, float(shape[1] * D * gs), center, k1, k2)
+    _run(_grad_input_tasks, chunks, x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks)  # fmt: skip
 
 
-def split_tasks(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tasks ``(a, b_lo, b_hi)`` and chunk bounds (one chunk per thread, even work).
+def split_tasks(
+    shape: tuple[int, int, int, int], threads: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Tasks ``(a, b_lo, b_hi)``, chunk bounds (one chunk per thread, even work), and
+    whether every task holds whole sets.
 
     Whole sets per task when there are enough of them to share out; otherwise each
     ``a`` is cut along ``b`` so that every thread gets work.
@@ -615,4 +657,5 @@ def split_tasks(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndar
     ntasks = len(tasks)
     nchunks = max(1, min(threads, ntasks))
     chunks = np.linspace(0, ntasks, nchunks + 1).round().astype(np.int64)
-    return np.ascontiguousarray(tasks, dtype=np.int64), chunks
+    fused = bool((tasks[:, 1] == 0).all() and (tasks[:, 2] == B).all())
+    return np.ascontiguousarray(tasks, dtype=np.int64), chunks, fused

@@ -43,6 +43,7 @@ class Prepared:
     tasks: np.ndarray
     chunks: np.ndarray
     remap: np.ndarray | None  # w, b were gathered as w[remap]: scatter gradients back
+    fused: bool  # every task holds whole sets
 
 
 #: A reduced innermost block shorter than this is folded into the columns (per-column
@@ -60,19 +61,15 @@ def _mode(shape: tuple[int, int, int, int], tables: list[np.ndarray]) -> int:
 
 
 @lru_cache(maxsize=256)
-def _split(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(shape: tuple[int, int, int, int], threads: int) -> tuple[np.ndarray, np.ndarray, bool]:
     from normlab.kernels import cpu
 
     return cpu.split_tasks(shape, threads)
 
 
 def threads() -> int:
-    """Numba threads to use: torch's setting, capped by what numba was started with."""
-    import numba
-
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
+    """Threads the kernels use: torch's setting (``torch.set_num_threads``)."""
+    return max(1, torch.get_num_threads())
 
 
 def prepare(
@@ -111,9 +108,9 @@ def prepare(
         shape, gs = (A, B, C * D, 1), D
         tables = [tables[0], tables[1], (tables[2][:, None] + tables[3][None, :]).reshape(-1)]
         tables.append(np.zeros(1, np.int64))
-    tasks, chunks = _split(shape, threads())
+    tasks, chunks, fused = _split(shape, threads())
     mode = _mode(shape, tables)
-    return Prepared(c, shape, gs, w, b, tuple(tables), mode, tasks, chunks, remap)
+    return Prepared(c, shape, gs, w, b, tuple(tables), mode, tasks, chunks, remap, fused)
 
 
 def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
@@ -148,7 +145,7 @@ class BatchNormFunction(torch.autograd.Function):
         cpu.forward(
             _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
             prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
-            prep.tasks, prep.chunks,
+            prep.tasks, prep.chunks, prep.fused,
         )  # fmt: skip
         y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
         ctx.save_for_backward(x, weight, bias, torch.from_numpy(mean), torch.from_numpy(rstd))
@@ -255,7 +252,7 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     db = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
     cpu.backward(
         _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
-        prep.tasks, prep.chunks, dw, db,
+        prep.tasks, prep.chunks, prep.fused, dw, db,
     )  # fmt: skip
     gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
     gw = gb = None
