@@ -10,7 +10,7 @@ import torch
 import normlab
 from normlab.kernels import dispatch, explain_dispatch, set_reference, use_reference
 
-BIG = (8, 16, 16, 16)  # 32768 elements: above the small-tensor threshold
+BIG = (8, 16, 32, 32)  # 131072 elements: above the small-tensor threshold
 HAS_NUMBA = dispatch.available("numba")
 
 

@@ -8,6 +8,7 @@ Double backward (``create_graph=True``) recomputes through the reference path, s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -72,45 +73,89 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def prepare(
-    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> Prepared | str:
-    """The kernel's view of one call, or the reason it cannot take it."""
-    c = canonicalize(x, p, weight if weight is not None else bias)
+@dataclass(frozen=True)
+class Layout:
+    """The data-independent part of a call (cached per shape, strides, pattern, affine shape)."""
+
+    canon: Canonical
+    shape: tuple[int, int, int, int]
+    gs: int
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    mode: int
+    tasks: np.ndarray
+    chunks: np.ndarray
+    remap: np.ndarray | None
+    fused: bool
+
+
+#: Below this many elements one thread does the whole call: handing work to another
+#: thread costs more than it saves.
+SERIAL_BELOW = 1 << 18
+
+
+@lru_cache(maxsize=512)
+def _layout(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    p: Plan,
+    param_shape: tuple[int, ...] | None,
+    nthreads: int,
+) -> Layout | str:
+    x = torch.empty_strided(shape, strides, device="meta")
+    param = None if param_shape is None else torch.empty(param_shape, device="meta")
+    c = canonicalize(x, p, param)
     if c is None:
         return f"pattern '{p.pattern.text}' does not fit K R K R in memory order"
-    if weight is not None and bias is not None and weight.shape != bias.shape:
-        return "weight and bias broadcast differently"
-    param = weight if weight is not None else bias
-    dtype = np.float64 if x.dtype == torch.float64 else np.float32
     remap = None
     if param is None:
         tables = [np.zeros(size, np.int64) for size in c.shape]
-        w, b = np.ones(1, dtype), np.zeros(1, dtype)
     else:
-        flat, tables = affine_offsets(param.detach(), x, p, c)
-        ones = np.ones(flat.numel(), dtype)
-        w = _as_numpy(weight, dtype) if weight is not None else ones
-        b = _as_numpy(bias, dtype) if bias is not None else 0 * ones
+        _, tables = affine_offsets(param, x, p, c)
         inner = 3 if c.shape[3] > 1 else 2
         if not any(tables[i].any() for i in range(4) if i != inner):
             # the affine varies only along the innermost run, in another order than
             # memory (LayerNorm over C,H,W of a channels_last input): gather it once
             remap = tables[inner]
             if remap.any() and not np.array_equal(remap, np.arange(len(remap))):
-                w, b = w[remap], b[remap]
                 tables[inner] = np.arange(len(remap), dtype=np.int64)
             else:
                 remap = None
-    shape, gs = c.shape, 1
-    A, B, C, D = shape
+    kshape, gs = c.shape, 1
+    A, B, C, D = kshape
     if 1 < D < FOLD_BELOW:
-        shape, gs = (A, B, C * D, 1), D
+        kshape, gs = (A, B, C * D, 1), D
         tables = [tables[0], tables[1], (tables[2][:, None] + tables[3][None, :]).reshape(-1)]
         tables.append(np.zeros(1, np.int64))
-    tasks, chunks, fused = _split(shape, threads())
-    mode = _mode(shape, tables)
-    return Prepared(c, shape, gs, w, b, tuple(tables), mode, tasks, chunks, remap, fused)
+    serial = math.prod(shape) < SERIAL_BELOW
+    tasks, chunks, fused = _split(kshape, 1 if serial else nthreads)
+    mode = _mode(kshape, tables)
+    return Layout(c, kshape, gs, tuple(tables), mode, tasks, chunks, remap, fused)
+
+
+def prepare(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> Prepared | str:
+    """The kernel's view of one call, or the reason it cannot take it."""
+    if weight is not None and bias is not None and weight.shape != bias.shape:
+        return "weight and bias broadcast differently"
+    param = weight if weight is not None else bias
+    param_shape = None if param is None else tuple(param.shape)
+    lay = _layout(tuple(x.shape), tuple(x.stride()), p, param_shape, threads())
+    if isinstance(lay, str):
+        return lay
+    dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    if param is None:
+        w, b = np.ones(1, dtype), np.zeros(1, dtype)
+    else:
+        ones = np.ones(param.numel(), dtype)
+        w = _as_numpy(weight, dtype) if weight is not None else ones
+        b = _as_numpy(bias, dtype) if bias is not None else 0 * ones
+        if lay.remap is not None:
+            w, b = w[lay.remap], b[lay.remap]
+    return Prepared(
+        lay.canon, lay.shape, lay.gs, w, b, lay.tables, lay.mode, lay.tasks, lay.chunks,
+        lay.remap, lay.fused,
+    )  # fmt: skip
 
 
 def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
