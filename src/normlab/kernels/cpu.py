@@ -183,49 +183,6 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _row_stats(row, center):
-    """Mean and biased variance of one short row: two passes, first-order corrected."""
-    n = row.shape[0]
-    m = row.dtype.type(0)
-    if center:
-        total = row.dtype.type(0)
-        for i in range(n):
-            total += row[i]
-        m = row.dtype.type(total / n)
-    q = row.dtype.type(0)
-    e = row.dtype.type(0)
-    for i in range(n):
-        v = row[i] - m
-        e += v
-        q += v * v
-    if not center:
-        return 0.0, np.float64(q) / n
-    mean = np.float64(m) + np.float64(e) / n
-    return mean, max(np.float64(q) - np.float64(e) * e / n, 0.0) / n
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _row_normalize(xs, ys, mean, rstd, w, bias, base, od, mode):
-    n = xs.shape[0]
-    m = xs.dtype.type(mean)
-    r = xs.dtype.type(rstd)
-    if mode == 0:
-        scale = xs.dtype.type(rstd * w[base])
-        shift = xs.dtype.type(bias[base] - mean * rstd * w[base])
-        for i in range(n):
-            ys[i] = xs[i] * scale + shift
-    elif mode == 1:
-        ws = w[base : base + n]
-        bs = bias[base : base + n]
-        for i in range(n):
-            ys[i] = (xs[i] - m) * r * ws[i] + bs[i]
-    else:
-        for i in range(n):
-            o = base + od[i]
-            ys[i] = (xs[i] - m) * r * w[o] + bias[o]
-
-
-@njit(cache=True, fastmath=FASTMATH)
 def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
     """Chan-merge groups of `gs` adjacent columns into one set each; write the set's
     mean, var, rstd at row a and spread mean and rstd back over the columns."""
@@ -251,18 +208,61 @@ def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+    """One set per row of x (A, D), D short: two passes over the row, then the output.
+
+    Written with 2-D indexing and no helper calls: per-row views and calls cost more
+    than the row's arithmetic when rows are a few hundred elements long.
+    """
+    n = x.shape[1]
+    zero = x.dtype.type(0)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        m = zero
+        if center:
+            total = zero
+            for j in range(n):
+                total += x[a, j]
+            m = x.dtype.type(total / n)
+        q = zero
+        e = zero
+        for j in range(n):
+            v = x[a, j] - m
+            e += v
+            q += v * v
+        mu = np.float64(m) + np.float64(e) / n if center else 0.0
+        var_ = max(np.float64(q) - np.float64(e) * e / n, 0.0) / n if center else q / n
+        r = 1.0 / np.sqrt(var_ + eps)
+        mean[a, 0] = mu
+        var[a, 0] = var_
+        rstd[a, 0] = r
+        base = oa[a] + ob[0] + oc[0]
+        if mode == 0:
+            scale = x.dtype.type(r * w[base])
+            shift = x.dtype.type(bias[base] - mu * r * w[base])
+            for j in range(n):
+                y[a, j] = x[a, j] * scale + shift
+        elif mode == 1:
+            m32 = x.dtype.type(mu)
+            r32 = x.dtype.type(r)
+            ws = w[base : base + n]  # a view: indexing w[base + j] would not vectorize
+            bs = bias[base : base + n]
+            for j in range(n):
+                y[a, j] = (x[a, j] - m32) * r32 * ws[j] + bs[j]
+        else:
+            m32 = x.dtype.type(mu)
+            r32 = x.dtype.type(r)
+            for j in range(n):
+                o = base + od[j]
+                y[a, j] = (x[a, j] - m32) * r32 * w[o] + bias[o]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
     """Tasks t0:t1, each whole sets: statistics, then the output while the slab is in cache."""
     _, B, C, D = shape
     if B == 1 and C == 1 and D <= BLOCK:  # many short rows (LayerNorm): no blocking needed
-        for i in range(t0, t1):
-            a = tasks[i, 0]
-            m, v = _row_stats(x[a], center)
-            r = 1.0 / np.sqrt(v + eps)
-            mean[a, 0] = m
-            var[a, 0] = v
-            rstd[a, 0] = r
-            _row_normalize(x[a], y[a], m, r, w, bias, oa[a] + ob[0] + oc[0], od, mode)
+        _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1)  # fmt: skip
         return
     pm = np.empty(C)
     pq = np.empty(C)
@@ -516,9 +516,78 @@ def _fold_sums(sg, sgx, gs, n, center, k1, k2):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
+    """Backward for one set per short row (the forward's `_forward_rows`)."""
+    n = x.shape[1]
+    zero = x.dtype.type(0)
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        mu = mean[a, 0]
+        rs = rstd[a, 0]
+        m = x.dtype.type(mu)
+        r = x.dtype.type(rs)
+        base = oa[a] + ob[0] + oc[0]
+        if mode == 0:
+            tg = zero
+            tgx = zero
+            for j in range(n):
+                g = gy[a, j]
+                tg += g
+                tgx += g * (x[a, j] - m)
+            tgx *= r
+            wv = np.float64(w[base])
+            dw[base] += tgx
+            db[base] += tg
+            k1 = wv * tg / n if batch and center else 0.0
+            k2 = wv * tgx / n if batch else 0.0
+            alpha = x.dtype.type(rs * wv)
+            beta = x.dtype.type(-rs * rs * k2)
+            gamma = x.dtype.type(-rs * k1 + mu * rs * rs * k2)
+            for j in range(n):
+                gx[a, j] = gy[a, j] * alpha + x[a, j] * beta + gamma
+            continue
+        sg = zero
+        sgx = zero
+        if mode == 1:
+            ws = w[base : base + n]
+            dws = dw[base : base + n]
+            dbs = db[base : base + n]
+            for j in range(n):
+                g = gy[a, j]
+                xh = (x[a, j] - m) * r
+                gw = g * ws[j]
+                sg += gw
+                sgx += gw * xh
+                dws[j] += g * xh
+                dbs[j] += g
+        else:
+            for j in range(n):
+                o = base + od[j]
+                g = gy[a, j]
+                xh = (x[a, j] - m) * r
+                gw = g * w[o]
+                sg += gw
+                sgx += gw * xh
+                dw[o] += g * xh
+                db[o] += g
+        u = x.dtype.type(sg / n if batch and center else 0.0)
+        v = x.dtype.type(sgx / n if batch else 0.0)
+        if mode == 1:
+            ws = w[base : base + n]
+            for j in range(n):
+                gx[a, j] = r * (gy[a, j] * ws[j] - u - (x[a, j] - m) * r * v)
+        else:
+            for j in range(n):
+                gx[a, j] = r * (gy[a, j] * w[base + od[j]] - u - (x[a, j] - m) * r * v)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
     """Tasks t0:t1, each whole sets: the sums, then gx while the slab is in cache."""
     _, B, C, D = shape
+    if B == 1 and C == 1 and D <= BLOCK:
+        _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1)  # fmt: skip
+        return
     n = float(B * D * gs)
     sg = np.empty(C)
     sgx = np.empty(C)

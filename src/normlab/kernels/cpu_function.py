@@ -293,8 +293,8 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     gxc = torch.empty_like(xc)
     mean, rstd = mean.to(xc.dtype), rstd.to(xc.dtype)
     nchunks = len(prep.chunks) - 1
-    dw = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
-    db = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
+    dw = np.zeros((nchunks, len(prep.w)))  # float64: sums over the whole batch
+    db = np.zeros((nchunks, len(prep.w)))
     cpu.backward(
         _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
         prep.tasks, prep.chunks, prep.fused, dw, db,
