@@ -193,9 +193,10 @@ class BatchNormFunction(torch.autograd.Function):
             prep.tasks, prep.chunks, prep.fused,
         )  # fmt: skip
         y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
-        ctx.save_for_backward(x, weight, bias, torch.from_numpy(mean), torch.from_numpy(rstd))
-        ctx.args = (p, eps, center, prep)
         dtype = stats_dtype(x.dtype)
+        saved = (torch.from_numpy(mean).to(dtype), torch.from_numpy(rstd).to(dtype))
+        ctx.save_for_backward(x, weight, bias, *saved)
+        ctx.args = (p, eps, center, prep)
         m = stats_to_plan(torch.from_numpy(mean).to(dtype), p, c)
         v = stats_to_plan(torch.from_numpy(var).to(dtype), p, c)
         ctx.mark_non_differentiable(m, v)
@@ -313,6 +314,5 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
 
 
 def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros(size)
-    np.add.at(out, index, values)
-    return out
+    """out[index[i]] += values[i]."""
+    return np.bincount(index, weights=values, minlength=size)
