@@ -314,11 +314,15 @@ def _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, t0, t1):
-    """y for tasks t0:t1 with per-column statistics mean, rstd (A, C)."""
+    """y for tasks t0:t1 with per-column statistics mean, rstd (A, C).
+
+    Last task first: after a statistics pass over the same tasks, the most recently
+    read data is still in cache.
+    """
     _, B, C, D = shape
     sc = np.empty(C, x.dtype)
     sh = np.empty(C, x.dtype)
-    for i in range(t0, t1):
+    for i in range(t1 - 1, t0 - 1, -1):
         a = tasks[i, 0]
         _normalize(
             x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
@@ -629,12 +633,151 @@ def _merge_grad_sums(tasks, psg, psgx, gs, n, center, k1, k2):
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _grad_input_tasks(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks, t0, t1):  # fmt: skip
     _, B, C, D = shape
-    for i in range(t0, t1):
+    for i in range(t1 - 1, t0 - 1, -1):  # last task first, as in _apply_tasks
         a = tasks[i, 0]
         _grad_input(
             x[a], gy[a], gx[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
             k1[a], k2[a], w, oa[a], ob, oc, od, mode,
         )  # fmt: skip
+
+
+# bfloat16: numba has no such type, so a bf16 tensor arrives as uint16 bits. Each task's
+# slab is widened into a float32 scratch (exact: bf16 is the top half of a float32),
+# the float32 routines run on it in cache, and the output is rounded back to nearest
+# even. Statistics stay float32 or wider; no full-size float32 copy is made.
+
+
+@njit(nogil=True, cache=True)
+def _widen(src, dst):
+    for i in range(src.shape[0]):
+        dst[i] = np.uint32(src[i]) << 16
+
+
+@njit(nogil=True, cache=True)
+def _narrow(src, dst):
+    for i in range(src.shape[0]):
+        b = np.int64(src[i])
+        if (b & 0x7FFFFFFF) > 0x7F800000:  # NaN stays NaN (quiet)
+            dst[i] = (b >> 16) | 0x40
+        else:
+            dst[i] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+    B = shape[1]
+    xb = np.empty((1, x.shape[1]), np.uint32)
+    yb = np.empty((1, x.shape[1]), np.uint32)
+    xf = xb.view(np.float32)
+    yf = yb.view(np.float32)
+    one = np.zeros((1, 3), np.int64)
+    one[0, 2] = B
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _widen(x[a], xb[0])
+        _forward_fused(xf, yf, shape, gs, mean[a : a + 1], var[a : a + 1], rstd[a : a + 1], w, bias, oa[a : a + 1], ob, oc, od, mode, eps, center, one, 0, 1)  # fmt: skip
+        _narrow(yb[0], y[a])
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _partial_stats_bf16(x, shape, center, tasks, pmean, pm2, pcount, t0, t1):
+    _, B, C, D = shape
+    row = C * D
+    most = 0
+    for i in range(t0, t1):
+        most = max(most, tasks[i, 2] - tasks[i, 1])
+    xb = np.empty(most * row, np.uint32)
+    xf = xb.view(np.float32)
+    s = np.empty(C, np.float32)
+    q = np.empty(C, np.float32)
+    e = np.empty(C, np.float32)
+    for i in range(t0, t1):
+        a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
+        n = (hi - lo) * row
+        _widen(x[a, lo * row : hi * row], xb[:n])
+        _stats(xf[:n], hi - lo, C, D, 0, hi - lo, center, pmean[i], pm2[i], pcount[i], s, q, e)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _apply_tasks_bf16(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, t0, t1):
+    _, B, C, D = shape
+    row = C * D
+    most = 0
+    for i in range(t0, t1):
+        most = max(most, tasks[i, 2] - tasks[i, 1])
+    xb = np.empty(most * row, np.uint32)
+    yb = np.empty(most * row, np.uint32)
+    xf = xb.view(np.float32)
+    yf = yb.view(np.float32)
+    sc = np.empty(C, np.float32)
+    sh = np.empty(C, np.float32)
+    for i in range(t1 - 1, t0 - 1, -1):
+        a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
+        n = (hi - lo) * row
+        _widen(x[a, lo * row : hi * row], xb[:n])
+        _normalize(xf[:n], yf[:n], hi - lo, C, D, 0, hi - lo, mean[a], rstd[a], w, bias, oa[a], ob[lo:hi], oc, od, mode, sc, sh)  # fmt: skip
+        _narrow(yb[:n], y[a, lo * row : hi * row])
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
+    B = shape[1]
+    L = x.shape[1]
+    xb = np.empty((1, L), np.uint32)
+    gb = np.empty((1, L), np.uint32)
+    ob_ = np.empty((1, L), np.uint32)
+    xf = xb.view(np.float32)
+    gf = gb.view(np.float32)
+    of = ob_.view(np.float32)
+    one = np.zeros((1, 3), np.int64)
+    one[0, 2] = B
+    for i in range(t0, t1):
+        a = tasks[i, 0]
+        _widen(x[a], xb[0])
+        _widen(gy[a], gb[0])
+        _backward_fused(xf, gf, of, shape, gs, mean[a : a + 1], rstd[a : a + 1], w, oa[a : a + 1], ob, oc, od, mode, batch, center, one, dw, db, 0, 1)  # fmt: skip
+        _narrow(ob_[0], gx[a])
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _partial_grad_sums_bf16(x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, dw, db, t0, t1):  # fmt: skip
+    _, B, C, D = shape
+    row = C * D
+    most = 0
+    for i in range(t0, t1):
+        most = max(most, tasks[i, 2] - tasks[i, 1])
+    xb = np.empty(most * row, np.uint32)
+    gb = np.empty(most * row, np.uint32)
+    xf = xb.view(np.float32)
+    gf = gb.view(np.float32)
+    for i in range(t0, t1):
+        a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
+        n = (hi - lo) * row
+        _widen(x[a, lo * row : hi * row], xb[:n])
+        _widen(gy[a, lo * row : hi * row], gb[:n])
+        _grad_sums(xf[:n], gf[:n], hi - lo, C, D, 0, hi - lo, mean[a], rstd[a], w, oa[a], ob[lo:hi], oc, od, mode, psg[i], psgx[i], dw, db)  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _grad_input_tasks_bf16(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks, t0, t1):  # fmt: skip
+    _, B, C, D = shape
+    row = C * D
+    most = 0
+    for i in range(t0, t1):
+        most = max(most, tasks[i, 2] - tasks[i, 1])
+    xb = np.empty(most * row, np.uint32)
+    gb = np.empty(most * row, np.uint32)
+    ob_ = np.empty(most * row, np.uint32)
+    xf = xb.view(np.float32)
+    gf = gb.view(np.float32)
+    of = ob_.view(np.float32)
+    for i in range(t1 - 1, t0 - 1, -1):
+        a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
+        n = (hi - lo) * row
+        _widen(x[a, lo * row : hi * row], xb[:n])
+        _widen(gy[a, lo * row : hi * row], gb[:n])
+        _grad_input(xf[:n], gf[:n], of[:n], hi - lo, C, D, 0, hi - lo, mean[a], rstd[a], k1[a], k2[a], w, oa[a], ob[lo:hi], oc, od, mode)  # fmt: skip
+        _narrow(ob_[:n], gx[a, lo * row : hi * row])
 
 
 # Entry points. The kernels release the GIL; chunks run on a small thread pool (one
@@ -669,20 +812,54 @@ def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps
     `gs` adjacent columns c (a short innermost reduced axis folded into c, D = 1):
     statistics are taken per column, then Chan-merged per set.
     """
+    bf16 = x.dtype == np.uint16
     if fused:
-        _run(_forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks)  # fmt: skip
+        _run(_forward_fused_bf16 if bf16 else _forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks)  # fmt: skip
         return
     ntasks, C = len(tasks), shape[2]
     pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
-    _run(_partial_stats, chunks, x, shape, center, tasks, pmean, pm2, pcount)
-    mcol, rcol = np.empty((shape[0], C), x.dtype), np.empty((shape[0], C), x.dtype)
+    _run(_partial_stats_bf16 if bf16 else _partial_stats, chunks, x, shape, center, tasks, pmean, pm2, pcount)  # fmt: skip
+    cdtype = np.float32 if bf16 else x.dtype
+    mcol, rcol = np.empty((shape[0], C), cdtype), np.empty((shape[0], C), cdtype)
     _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol)
-    _run(_apply_tasks, chunks, x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks)
+    _run(
+        _apply_tasks_bf16 if bf16 else _apply_tasks,
+        chunks,
+        x,
+        y,
+        shape,
+        mcol,
+        rcol,
+        w,
+        bias,
+        oa,
+        ob,
+        oc,
+        od,
+        mode,
+        tasks,
+    )
 
 
 def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
     """y = (x − mean)·rstd·w + bias with given per-column statistics (running estimates)."""
-    _run(_apply_tasks, chunks, x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks)
+    _run(
+        _apply_tasks_bf16 if x.dtype == np.uint16 else _apply_tasks,
+        chunks,
+        x,
+        y,
+        shape,
+        mean,
+        rstd,
+        w,
+        bias,
+        oa,
+        ob,
+        oc,
+        od,
+        mode,
+        tasks,
+    )
 
 
 def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, fused, dw, db):  # fmt: skip
@@ -693,16 +870,18 @@ def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, c
     over each set's `gs` columns; otherwise gx = gy·w·rstd.
     """
     rows = (dw, db)  # each chunk accumulates into its own row: no two threads share one
+    bf16 = x.dtype == np.uint16
     if fused:
-        _run(_backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, rows=rows)  # fmt: skip
+        _run(_backward_fused_bf16 if bf16 else _backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, rows=rows)  # fmt: skip
         return
     A, _, C, D = shape
     psg, psgx = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
-    _run(_partial_grad_sums, chunks, x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, rows=rows)  # fmt: skip
-    k1, k2 = np.zeros((A, C), x.dtype), np.zeros((A, C), x.dtype)
+    _run(_partial_grad_sums_bf16 if bf16 else _partial_grad_sums, chunks, x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, rows=rows)  # fmt: skip
+    cdtype = np.float32 if bf16 else x.dtype
+    k1, k2 = np.zeros((A, C), cdtype), np.zeros((A, C), cdtype)
     if batch:
         _merge_grad_sums(tasks, psg, psgx, gs, float(shape[1] * D * gs), center, k1, k2)
-    _run(_grad_input_tasks, chunks, x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks)  # fmt: skip
+    _run(_grad_input_tasks_bf16 if bf16 else _grad_input_tasks, chunks, x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks)  # fmt: skip
 
 
 def split_tasks(
@@ -718,7 +897,7 @@ def split_tasks(
     if A >= 4 * threads or (A >= threads and A % threads == 0) or B == 1:
         tasks = np.stack([np.arange(A), np.zeros(A, np.int64), np.full(A, B)], axis=1)
     else:
-        pieces = min(B, max(1, -(-4 * threads // A)))
+        pieces = min(B, max(1, -(-16 * threads // A)))  # small tasks: cache reuse, balance
         edges = np.linspace(0, B, pieces + 1).round().astype(np.int64)
         tasks = np.array(
             [(a, edges[j], edges[j + 1]) for a in range(A) for j in range(pieces)], dtype=np.int64

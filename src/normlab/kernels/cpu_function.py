@@ -164,14 +164,22 @@ def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
 
 
 def _rows(t: torch.Tensor, c: Canonical) -> np.ndarray:
-    """The canonical (A, B·C·D) view of a tensor laid out like the input."""
+    """The canonical (A, B·C·D) view of a tensor laid out like the input.
+
+    bfloat16 comes as its uint16 bits (the kernels widen it in cache).
+    """
+    if t.dtype == torch.bfloat16:
+        return flat_view(t.view(torch.int16), c).reshape(c.shape[0], -1).numpy().view(np.uint16)
     return flat_view(t, c).reshape(c.shape[0], -1).numpy()
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
-    # Half precision is widened once (layout kept); statistics stay float32 or wider.
+    # float16 (which numba lacks) is widened once, layout kept; bfloat16 is widened in
+    # the kernels. Statistics are float32 or wider either way.
     x = x.detach()
-    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+    if x.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        return x
+    return x.to(torch.float32)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -234,7 +242,7 @@ class ApplyFunction(torch.autograd.Function):
         c = prep.canon
         m = stats_from_plan(mean.detach().to(torch.float64), p, c)
         r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), p, c) + eps)
-        m, r = (t.repeat_interleave(prep.gs, 1).to(xc.dtype) for t in (m, r))
+        m, r = (t.repeat_interleave(prep.gs, 1).to(stats_dtype(xc.dtype)) for t in (m, r))
         cpu.apply(
             _rows(xc, c), _rows(yc, c), prep.shape, m.numpy(), r.numpy(),
             prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
@@ -292,7 +300,7 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     if gyc.stride() != xc.stride():  # the kernel reads gy in x's memory order
         gyc = torch.empty_like(xc).copy_(gyc)
     gxc = torch.empty_like(xc)
-    mean, rstd = mean.to(xc.dtype), rstd.to(xc.dtype)
+    mean, rstd = mean.to(stats_dtype(xc.dtype)), rstd.to(stats_dtype(xc.dtype))
     nchunks = len(prep.chunks) - 1
     dw = np.zeros((nchunks, len(prep.w)))  # float64: sums over the whole batch
     db = np.zeros((nchunks, len(prep.w)))
