@@ -201,12 +201,12 @@ class BatchNormFunction(torch.autograd.Function):
             prep.tasks, prep.chunks, prep.fused,
         )  # fmt: skip
         y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
-        dtype = stats_dtype(x.dtype)
-        saved = (torch.from_numpy(mean).to(dtype), torch.from_numpy(rstd).to(dtype))
-        ctx.save_for_backward(x, weight, bias, *saved)
+        # numpy casts: O(#sets) work that should not wake torch's thread pool
+        np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+        mean, var, rstd = (torch.from_numpy(t.astype(np_dtype)) for t in (mean, var, rstd))
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.args = (p, eps, center, prep)
-        m = stats_to_plan(torch.from_numpy(mean).to(dtype), p, c)
-        v = stats_to_plan(torch.from_numpy(var).to(dtype), p, c)
+        m, v = stats_to_plan(mean, p, c), stats_to_plan(var, p, c)
         ctx.mark_non_differentiable(m, v)
         return y, m, v
 
