@@ -107,8 +107,9 @@ def canonicalize(x: torch.Tensor, p: Plan, weight: torch.Tensor | None = None) -
     blocks = [members for _, members in runs]
     if len(blocks) == 2:  # K R: the reduced block is innermost (d); maybe split it for the weight
         inner = blocks[1]
-        split = len(inner)
+        split = 0
         if weight is not None:
+            split = len(inner)
             wstrides = expanded_strides(p, tuple(weight.expand(x.shape).stride()))
             while split > 0 and wstrides[inner[split - 1]] == 0:
                 split -= 1
