@@ -39,6 +39,20 @@ def test_fast_path_chosen_by_family(pattern, layout, family):
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
+def test_contiguous_inner_run_is_the_reduced_block():
+    x = torch.randn(BIG)
+    # instance norm, with or without affine: rows of H*W contiguous elements
+    assert explain_dispatch(x, "n c h w -> n c").endswith("(128, 1, 1, 1024)")
+    assert explain_dispatch(x, "n c h w -> n c", weight=torch.ones(16)).endswith(
+        "(128, 1, 1, 1024)"
+    )
+    # group norm with a per-channel affine: the channel-in-group axis is split off
+    assert explain_dispatch(x, "n (g k) h w -> n g", g=4, weight=torch.ones(16)).endswith(
+        "(32, 4, 1, 1024)"
+    )
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 def test_group_norm_channels_last_is_krkr():
     x = torch.randn(BIG).contiguous(memory_format=torch.channels_last)
     assert "family KRKR" in explain_dispatch(x, "n (g k) h w -> n g", g=4)
