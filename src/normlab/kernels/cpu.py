@@ -663,20 +663,46 @@ def _narrow(src, dst):
             dst[i] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
 
 
+@njit(nogil=True, cache=True)
+def _groups(tasks, t0, t1, L):
+    """Runs of consecutive a (whole-set tasks) of about BLOCK elements: (first task, count)."""
+    per = max(1, BLOCK // L)
+    out = np.empty((t1 - t0, 2), np.int64)
+    n = 0
+    i = t0
+    while i < t1:
+        j = i + 1
+        while j < t1 and j - i < per and tasks[j, 0] == tasks[j - 1, 0] + 1:
+            j += 1
+        out[n, 0] = i
+        out[n, 1] = j - i
+        n += 1
+        i = j
+    return out[:n]
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
     B = shape[1]
-    xb = np.empty((1, x.shape[1]), np.uint32)
-    yb = np.empty((1, x.shape[1]), np.uint32)
+    L = x.shape[1]
+    groups = _groups(tasks, t0, t1, L)
+    most = max(1, BLOCK // L)
+    xb = np.empty((most, L), np.uint32)
+    yb = np.empty((most, L), np.uint32)
     xf = xb.view(np.float32)
     yf = yb.view(np.float32)
-    one = np.zeros((1, 3), np.int64)
-    one[0, 2] = B
-    for i in range(t0, t1):
-        a = tasks[i, 0]
-        _widen(x[a], xb[0])
-        _forward_fused(xf, yf, shape, gs, mean[a : a + 1], var[a : a + 1], rstd[a : a + 1], w, bias, oa[a : a + 1], ob, oc, od, mode, eps, center, one, 0, 1)  # fmt: skip
-        _narrow(yb[0], y[a])
+    local = np.zeros((most, 3), np.int64)
+    for k in range(most):
+        local[k, 0] = k
+        local[k, 2] = B
+    for g in range(groups.shape[0]):
+        a = tasks[groups[g, 0], 0]
+        n = groups[g, 1]
+        for k in range(n):
+            _widen(x[a + k], xb[k])
+        _forward_fused(xf, yf, shape, gs, mean[a : a + n], var[a : a + n], rstd[a : a + n], w, bias, oa[a : a + n], ob, oc, od, mode, eps, center, local, 0, n)  # fmt: skip
+        for k in range(n):
+            _narrow(yb[k], y[a + k])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -723,20 +749,27 @@ def _apply_tasks_bf16(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, ta
 def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
     B = shape[1]
     L = x.shape[1]
-    xb = np.empty((1, L), np.uint32)
-    gb = np.empty((1, L), np.uint32)
-    ob_ = np.empty((1, L), np.uint32)
+    groups = _groups(tasks, t0, t1, L)
+    most = max(1, BLOCK // L)
+    xb = np.empty((most, L), np.uint32)
+    gb = np.empty((most, L), np.uint32)
+    ob_ = np.empty((most, L), np.uint32)
     xf = xb.view(np.float32)
     gf = gb.view(np.float32)
     of = ob_.view(np.float32)
-    one = np.zeros((1, 3), np.int64)
-    one[0, 2] = B
-    for i in range(t0, t1):
-        a = tasks[i, 0]
-        _widen(x[a], xb[0])
-        _widen(gy[a], gb[0])
-        _backward_fused(xf, gf, of, shape, gs, mean[a : a + 1], rstd[a : a + 1], w, oa[a : a + 1], ob, oc, od, mode, batch, center, one, dw, db, 0, 1)  # fmt: skip
-        _narrow(ob_[0], gx[a])
+    local = np.zeros((most, 3), np.int64)
+    for k in range(most):
+        local[k, 0] = k
+        local[k, 2] = B
+    for g in range(groups.shape[0]):
+        a = tasks[groups[g, 0], 0]
+        n = groups[g, 1]
+        for k in range(n):
+            _widen(x[a + k], xb[k])
+            _widen(gy[a + k], gb[k])
+        _backward_fused(xf, gf, of, shape, gs, mean[a : a + n], rstd[a : a + n], w, oa[a : a + n], ob, oc, od, mode, batch, center, local, dw, db, 0, n)  # fmt: skip
+        for k in range(n):
+            _narrow(ob_[k], gx[a + k])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
