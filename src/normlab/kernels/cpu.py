@@ -28,6 +28,7 @@ from numba import njit
 FASTMATH = {"reassoc", "contract"}
 ROWS = 64  # rows summed in the input's dtype before a float64 flush (column families)
 BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
+GROUP = 32768  # bfloat16: elements widened into float32 scratch at a time (128 KiB, in L2)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -665,8 +666,8 @@ def _narrow(src, dst):
 
 @njit(nogil=True, cache=True)
 def _groups(tasks, t0, t1, L):
-    """Runs of consecutive a (whole-set tasks) of about BLOCK elements: (first task, count)."""
-    per = max(1, BLOCK // L)
+    """Runs of consecutive a (whole-set tasks) of about GROUP elements: (first task, count)."""
+    per = max(1, GROUP // L)
     out = np.empty((t1 - t0, 2), np.int64)
     n = 0
     i = t0
@@ -686,7 +687,7 @@ def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, o
     B = shape[1]
     L = x.shape[1]
     groups = _groups(tasks, t0, t1, L)
-    most = max(1, BLOCK // L)
+    most = max(1, GROUP // L)
     xb = np.empty((most, L), np.uint32)
     yb = np.empty((most, L), np.uint32)
     xf = xb.view(np.float32)
@@ -750,7 +751,7 @@ def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mo
     B = shape[1]
     L = x.shape[1]
     groups = _groups(tasks, t0, t1, L)
-    most = max(1, BLOCK // L)
+    most = max(1, GROUP // L)
     xb = np.empty((most, L), np.uint32)
     gb = np.empty((most, L), np.uint32)
     ob_ = np.empty((most, L), np.uint32)
