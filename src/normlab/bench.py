@@ -2,9 +2,9 @@
 
 Normalization is memory bound: the floor for a forward pass is one read and one
 write of the tensor, the time of ``y.copy_(x)``. Every case times a copy, the torch
-counterpart and normlab, interleaved (one repetition of each in turn) in one run,
-and reports medians as ratios: normlab/copy, torch/copy, normlab/torch, forward and
-forward+backward.
+counterpart and normlab, interleaved (one repetition of each in turn, each timed call
+preceded by an untimed one) in one run, and reports medians as ratios: normlab/copy,
+torch/copy, normlab/torch, forward and forward+backward.
 
 Memory: "saved" is the bytes of tensors autograd keeps for backward beyond the input
 and the parameters (found with saved-tensor hooks, counted once per storage). Temporary
@@ -198,6 +198,9 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
     for _ in range(repeats):
         for key, fn in fns.items():
             with torch.no_grad() if not key.endswith("_fb") else _nothing():
+                # run once untimed, then time: each measurement finds the thread pool it
+                # uses awake, whichever library ran before it
+                fn()
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)

@@ -40,7 +40,8 @@ def _block_shape(C, D):
     if D >= BLOCK:
         return 1, 1, BLOCK
     if D > 1:
-        return 1, max(1, min(C, BLOCK // D)), D
+        cb = max(1, min(C, BLOCK // D))
+        return max(1, BLOCK // (cb * D)), cb, D
     cb = min(C, 256)
     return max(16, BLOCK // cb), cb, 1
 
@@ -208,10 +209,17 @@ def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
             rcol[j] = r
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
-    """One set per row of x (A, D), D short: two passes over the row, then the output.
+@njit(cache=True)
+def _short_rows(B, C, D, mode):
+    """Each set one contiguous row of at most BLOCK elements, with an affine rows handle."""
+    return C == 1 and B * D <= BLOCK and (B == 1 or (mode == 0 and D > 1))
 
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+    """One set per row of x (A, B·D), short: two passes over the row, then the output.
+
+    With B > 1 the affine is one value per run of D (mode 0: group norm's channels).
     Written with 2-D indexing and no helper calls: per-row views and calls cost more
     than the row's arithmetic when rows are a few hundred elements long.
     """
@@ -237,22 +245,23 @@ def _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, cen
         mean[a, 0] = mu
         var[a, 0] = var_
         rstd[a, 0] = r
-        base = oa[a] + ob[0] + oc[0]
         if mode == 0:
-            scale = x.dtype.type(r * w[base])
-            shift = x.dtype.type(bias[base] - mu * r * w[base])
-            for j in range(n):
-                y[a, j] = x[a, j] * scale + shift
-        elif mode == 1:
-            m32 = x.dtype.type(mu)
-            r32 = x.dtype.type(r)
+            for b in range(B):
+                base = oa[a] + ob[b] + oc[0]
+                scale = x.dtype.type(r * w[base])
+                shift = x.dtype.type(bias[base] - mu * r * w[base])
+                for j in range(b * D, b * D + D):
+                    y[a, j] = x[a, j] * scale + shift
+            continue
+        base = oa[a] + ob[0] + oc[0]
+        m32 = x.dtype.type(mu)
+        r32 = x.dtype.type(r)
+        if mode == 1:
             ws = w[base : base + n]  # a view: indexing w[base + j] would not vectorize
             bs = bias[base : base + n]
             for j in range(n):
                 y[a, j] = (x[a, j] - m32) * r32 * ws[j] + bs[j]
         else:
-            m32 = x.dtype.type(mu)
-            r32 = x.dtype.type(r)
             for j in range(n):
                 o = base + od[j]
                 y[a, j] = (x[a, j] - m32) * r32 * w[o] + bias[o]
@@ -262,8 +271,8 @@ def _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, cen
 def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
     """Tasks t0:t1, each whole sets: statistics, then the output while the slab is in cache."""
     _, B, C, D = shape
-    if B == 1 and C == 1 and D <= BLOCK:  # many short rows (LayerNorm): no blocking needed
-        _forward_rows(x, y, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1)  # fmt: skip
+    if _short_rows(B, C, D, mode):  # many short sets (LayerNorm, small maps): no blocking
+        _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1)  # fmt: skip
         return
     pm = np.empty(C)
     pq = np.empty(C)
@@ -521,7 +530,7 @@ def _fold_sums(sg, sgx, gs, n, center, k1, k2):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
+def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
     """Backward for one set per short row (the forward's `_forward_rows`)."""
     n = x.shape[1]
     zero = x.dtype.type(0)
@@ -531,26 +540,35 @@ def _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center
         rs = rstd[a, 0]
         m = x.dtype.type(mu)
         r = x.dtype.type(rs)
-        base = oa[a] + ob[0] + oc[0]
         if mode == 0:
-            tg = zero
-            tgx = zero
-            for j in range(n):
-                g = gy[a, j]
-                tg += g
-                tgx += g * (x[a, j] - m)
-            tgx *= r
-            wv = np.float64(w[base])
-            dw[base] += tgx
-            db[base] += tg
-            k1 = wv * tg / n if batch and center else 0.0
-            k2 = wv * tgx / n if batch else 0.0
-            alpha = x.dtype.type(rs * wv)
-            beta = x.dtype.type(-rs * rs * k2)
-            gamma = x.dtype.type(-rs * k1 + mu * rs * rs * k2)
-            for j in range(n):
-                gx[a, j] = gy[a, j] * alpha + x[a, j] * beta + gamma
+            sg = 0.0
+            sgx = 0.0
+            for b in range(B):
+                base = oa[a] + ob[b] + oc[0]
+                tg = zero
+                tgx = zero
+                for j in range(b * D, b * D + D):
+                    g = gy[a, j]
+                    tg += g
+                    tgx += g * (x[a, j] - m)
+                tgx *= r
+                wv = np.float64(w[base])
+                dw[base] += tgx
+                db[base] += tg
+                sg += wv * tg
+                sgx += wv * tgx
+            k1 = sg / n if batch and center else 0.0
+            k2 = sgx / n if batch else 0.0
+            for b in range(B):
+                base = oa[a] + ob[b] + oc[0]
+                wv = np.float64(w[base])
+                alpha = x.dtype.type(rs * wv)
+                beta = x.dtype.type(-rs * rs * k2)
+                gamma = x.dtype.type(-rs * k1 + mu * rs * rs * k2)
+                for j in range(b * D, b * D + D):
+                    gx[a, j] = gy[a, j] * alpha + x[a, j] * beta + gamma
             continue
+        base = oa[a] + ob[0] + oc[0]
         sg = zero
         sgx = zero
         if mode == 1:
@@ -590,8 +608,8 @@ def _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center
 def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
     """Tasks t0:t1, each whole sets: the sums, then gx while the slab is in cache."""
     _, B, C, D = shape
-    if B == 1 and C == 1 and D <= BLOCK:
-        _backward_rows(x, gy, gx, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1)  # fmt: skip
+    if _short_rows(B, C, D, mode):
+        _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1)  # fmt: skip
         return
     n = float(B * D * gs)
     sg = np.empty(C)

@@ -302,8 +302,10 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     gxc = torch.empty_like(xc)
     mean, rstd = mean.to(stats_dtype(xc.dtype)), rstd.to(stats_dtype(xc.dtype))
     nchunks = len(prep.chunks) - 1
-    dw = np.zeros((nchunks, len(prep.w)))  # float64: sums over the whole batch
-    db = np.zeros((nchunks, len(prep.w)))
+    # per-chunk partial sums in the statistics dtype (a float64 row per chunk doubled the
+    # traffic of LayerNorm's per-element affine); the rows are summed in float64
+    dw = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
+    db = np.zeros((nchunks, len(prep.w)), prep.w.dtype)
     cpu.backward(
         _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
         prep.tasks, prep.chunks, prep.fused, dw, db,
