@@ -114,6 +114,8 @@ CASES = [
     ("ln last two dims", lambda: _randn(3, 5, 4, 9), "n t h d -> n t", {}, 2),
     ("ln2d nchw", lambda: _randn(3, 10, 4, 5), "n c h w -> n h w", {}, "channel"),
     ("ln2d cl", lambda: _cl(_randn(3, 10, 4, 5)), "n c h w -> n h w", {}, "channel"),
+    ("ln2d wide", lambda: _randn(6, 5, 24, 25), "n c h w -> n h w", {}, "channel"),
+    ("gn wide cl", lambda: _cl(_randn(6, 640, 3, 2)), "n (g k) h w -> n g", {"g": 32}, "channel"),
     ("channel-last bn", lambda: _randn(4, 5, 3, 8), "n ... c -> c", {}, "channel"),
     ("channel-last in", lambda: _randn(4, 5, 3, 8), "n ... c -> n c", {}, "channel"),
     ("one set", lambda: _randn(3, 50), "n c ->", {}, None),

@@ -27,6 +27,7 @@ from numba import njit
 
 FASTMATH = {"reassoc", "contract"}
 ROWS = 64  # rows summed in the input's dtype before a float64 flush (column families)
+COLS = 256  # column block of a wide slab (with all its rows) normalized while cached
 BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
 GROUP = 32768  # bfloat16: elements widened into float32 scratch at a time (128 KiB, in L2)
 
@@ -51,20 +52,20 @@ def _block_shape(C, D):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):
-    """Mean, sum of squared deviations and count per c over rows b_lo:b_hi of one a.
+def _stats(xa, B, C, D, b_lo, b_hi, c_lo, c_hi, center, mean, m2, count, s, q, e):
+    """Mean, sum of squared deviations and count per c in c_lo:c_hi over rows b_lo:b_hi.
 
-    `xa` is the a-th slab, flat (B·C·D); s, q, e are scratch of size C.
+    `xa` is one a's slab, flat (B·C·D); s, q, e are scratch of size C.
     """
-    bb, cb, db = _block_shape(C, D)
-    for c in range(C):
+    bb, cb, db = _block_shape(c_hi - c_lo, D)
+    for c in range(c_lo, c_hi):
         mean[c] = 0.0
         m2[c] = 0.0
         count[c] = 0.0
     for b0 in range(b_lo, b_hi, bb):
         b1 = min(b0 + bb, b_hi)
-        for c0 in range(0, C, cb):
-            c1 = min(c0 + cb, C)
+        for c0 in range(c_lo, c_hi, cb):
+            c1 = min(c0 + cb, c_hi)
             for d0 in range(0, D, db):
                 d1 = min(d0 + db, D)
                 n = float((b1 - b0) * (d1 - d0))
@@ -126,14 +127,14 @@ def _stats(xa, B, C, D, b_lo, b_hi, center, mean, m2, count, s, q, e):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mode, sc, sh):
-    """y = (x − mean)·rstd·w + bias over rows b_lo:b_hi of one a (ma, ra: that a's stats).
+def _normalize(xa, ya, B, C, D, b_lo, b_hi, c_lo, c_hi, ma, ra, w, bias, oa_, ob, oc, od, mode, sc, sh):  # fmt: skip
+    """y = (x − mean)·rstd·w + bias over rows b_lo:b_hi, columns c_lo:c_hi of one a.
 
-    `oa_` is this a's offset; sc, sh are scratch of size C.
+    ma, ra: that a's statistics per column; `oa_` its offset; sc, sh: scratch of size C.
     """
     if D > 1:
         for b in range(b_lo, b_hi):
-            for c in range(C):
+            for c in range(c_lo, c_hi):
                 m = xa.dtype.type(ma[c])
                 r = xa.dtype.type(ra[c])
                 base = oa_ + ob[b] + oc[c]
@@ -159,36 +160,40 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, ma, ra, w, bias, oa_, ob, oc, od, mo
         ob, b_lo, b_hi
     ):  # one scale and shift per c for every row: precompute them
         base = oa_ + ob[b_lo] + od[0]
-        for c in range(C):
+        for c in range(c_lo, c_hi):
             o = base if mode == 0 else base + oc[c]
             sc[c] = ra[c] * w[o]
             sh[c] = bias[o] - ma[c] * sc[c]
+        scv = sc[c_lo:c_hi]
+        shv = sh[c_lo:c_hi]
         for b in range(b_lo, b_hi):
-            xs = xa[b * C : b * C + C]
-            ys = ya[b * C : b * C + C]
-            for i in range(C):
-                ys[i] = xs[i] * sc[i] + sh[i]
+            xs = xa[b * C + c_lo : b * C + c_hi]
+            ys = ya[b * C + c_lo : b * C + c_hi]
+            for i in range(xs.shape[0]):
+                ys[i] = xs[i] * scv[i] + shv[i]
         return
+    mav = ma[c_lo:c_hi]
+    rav = ra[c_lo:c_hi]
     for b in range(b_lo, b_hi):
         base = oa_ + ob[b] + od[0]
-        xs = xa[b * C : b * C + C]
-        ys = ya[b * C : b * C + C]
+        xs = xa[b * C + c_lo : b * C + c_hi]
+        ys = ya[b * C + c_lo : b * C + c_hi]
         if mode == 0:
             wv = w[base]
             bv = bias[base]
-            for i in range(C):
-                ys[i] = (xs[i] - ma[i]) * ra[i] * wv + bv
+            for i in range(xs.shape[0]):
+                ys[i] = (xs[i] - mav[i]) * rav[i] * wv + bv
         else:
-            for i in range(C):
-                o = base + oc[i]
-                ys[i] = (xs[i] - ma[i]) * ra[i] * w[o] + bias[o]
+            for i in range(xs.shape[0]):
+                o = base + oc[c_lo + i]
+                ys[i] = (xs[i] - mav[i]) * rav[i] * w[o] + bias[o]
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol):
-    """Chan-merge groups of `gs` adjacent columns into one set each; write the set's
-    mean, var, rstd at row a and spread mean and rstd back over the columns."""
-    for c in range(mean.shape[1]):
+def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, s_lo, s_hi):
+    """Chan-merge groups of `gs` adjacent columns into one set each (sets s_lo:s_hi);
+    write the set's mean, var, rstd at row a and spread mean and rstd over the columns."""
+    for c in range(s_lo, s_hi):
         m = 0.0
         q = 0.0
         n = 0.0
@@ -284,9 +289,14 @@ def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mo
     rcol = np.empty(C, x.dtype)
     for i in range(t0, t1):
         a = tasks[i, 0]
-        _stats(x[a], B, C, D, 0, B, center, pm, pq, pn, s, q, e)
-        _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol)
-        _normalize(x[a], y[a], B, C, D, 0, B, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q)
+        # a slab with many columns goes by column blocks: statistics over all rows of a
+        # block, then its output, while the block (rows x COLS) is still in cache
+        step = C if D > 1 or C <= 2 * COLS else max(gs, COLS // gs * gs)
+        for c_lo in range(0, C, step):
+            c_hi = min(c_lo + step, C)
+            _stats(x[a], B, C, D, 0, B, c_lo, c_hi, center, pm, pq, pn, s, q, e)
+            _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, c_lo // gs, c_hi // gs)
+            _normalize(x[a], y[a], B, C, D, 0, B, c_lo, c_hi, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q)  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -298,7 +308,7 @@ def _partial_stats(x, shape, center, tasks, pmean, pm2, pcount, t0, t1):
     e = np.empty(C, x.dtype)
     for i in range(t0, t1):
         a = tasks[i, 0]
-        _stats(x[a], B, C, D, tasks[i, 1], tasks[i, 2], center, pmean[i], pm2[i], pcount[i], s, q, e)  # fmt: skip
+        _stats(x[a], B, C, D, tasks[i, 1], tasks[i, 2], 0, C, center, pmean[i], pm2[i], pcount[i], s, q, e)  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -319,7 +329,7 @@ def _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol
                 cq[a, c] += pm2[i, c] + delta * delta * cn[a, c] * n / t2
                 cn[a, c] = t2
     for a in range(A):
-        _fold(cm[a], cq[a], cn[a], gs, a, mean, var, rstd, eps, mcol[a], rcol[a])
+        _fold(cm[a], cq[a], cn[a], gs, a, mean, var, rstd, eps, mcol[a], rcol[a], 0, mean.shape[1])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -335,7 +345,7 @@ def _apply_tasks(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, 
     for i in range(t1 - 1, t0 - 1, -1):
         a = tasks[i, 0]
         _normalize(
-            x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], mean[a], rstd[a],
+            x[a], y[a], B, C, D, tasks[i, 1], tasks[i, 2], 0, C, mean[a], rstd[a],
             w, bias, oa[a], ob, oc, od, mode, sc, sh,
         )  # fmt: skip
 
@@ -740,7 +750,9 @@ def _partial_stats_bf16(x, shape, center, tasks, pmean, pm2, pcount, t0, t1):
         a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
         n = (hi - lo) * row
         _widen(x[a, lo * row : hi * row], xb[:n])
-        _stats(xf[:n], hi - lo, C, D, 0, hi - lo, center, pmean[i], pm2[i], pcount[i], s, q, e)
+        _stats(
+            xf[:n], hi - lo, C, D, 0, hi - lo, 0, C, center, pmean[i], pm2[i], pcount[i], s, q, e
+        )
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -760,7 +772,7 @@ def _apply_tasks_bf16(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, ta
         a, lo, hi = tasks[i, 0], tasks[i, 1], tasks[i, 2]
         n = (hi - lo) * row
         _widen(x[a, lo * row : hi * row], xb[:n])
-        _normalize(xf[:n], yf[:n], hi - lo, C, D, 0, hi - lo, mean[a], rstd[a], w, bias, oa[a], ob[lo:hi], oc, od, mode, sc, sh)  # fmt: skip
+        _normalize(xf[:n], yf[:n], hi - lo, C, D, 0, hi - lo, 0, C, mean[a], rstd[a], w, bias, oa[a], ob[lo:hi], oc, od, mode, sc, sh)  # fmt: skip
         _narrow(yb[:n], y[a, lo * row : hi * row])
 
 
