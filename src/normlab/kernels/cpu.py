@@ -255,8 +255,10 @@ def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, ep
                 base = oa[a] + ob[b] + oc[0]
                 scale = x.dtype.type(r * w[base])
                 shift = x.dtype.type(bias[base] - mu * r * w[base])
-                for j in range(b * D, b * D + D):
-                    y[a, j] = x[a, j] * scale + shift
+                xs = x[a, b * D : b * D + D]  # views indexed from 0: they vectorize
+                ys = y[a, b * D : b * D + D]
+                for j in range(D):
+                    ys[j] = xs[j] * scale + shift
             continue
         base = oa[a] + ob[0] + oc[0]
         m32 = x.dtype.type(mu)
@@ -557,10 +559,12 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
                 base = oa[a] + ob[b] + oc[0]
                 tg = zero
                 tgx = zero
-                for j in range(b * D, b * D + D):
-                    g = gy[a, j]
+                xs = x[a, b * D : b * D + D]  # views indexed from 0: they vectorize
+                gs_ = gy[a, b * D : b * D + D]
+                for j in range(D):
+                    g = gs_[j]
                     tg += g
-                    tgx += g * (x[a, j] - m)
+                    tgx += g * (xs[j] - m)
                 tgx *= r
                 wv = np.float64(w[base])
                 dw[base] += tgx
@@ -575,8 +579,11 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
                 alpha = x.dtype.type(rs * wv)
                 beta = x.dtype.type(-rs * rs * k2)
                 gamma = x.dtype.type(-rs * k1 + mu * rs * rs * k2)
-                for j in range(b * D, b * D + D):
-                    gx[a, j] = gy[a, j] * alpha + x[a, j] * beta + gamma
+                xs = x[a, b * D : b * D + D]
+                gs_ = gy[a, b * D : b * D + D]
+                out = gx[a, b * D : b * D + D]
+                for j in range(D):
+                    out[j] = gs_[j] * alpha + xs[j] * beta + gamma
             continue
         base = oa[a] + ob[0] + oc[0]
         sg = zero
