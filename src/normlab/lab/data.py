@@ -237,7 +237,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(
             f"idx: {path} declares shape {shape} ({expected} bytes), holds {len(raw) - header}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
 def _idx_file(folder: Path, stem: str) -> Path:

@@ -197,6 +197,12 @@ class RowRNN(nn.Module):
         row_size: int = 16,
     ) -> None:
         super().__init__()
+        if norm in ("in", "ibn-a", "ibn-b"):
+            # A hidden state [N, width] has no spatial axis: one value per (sample, unit).
+            raise ValueError(
+                f"rnn: expected a norm over features or the batch (ln, rms, bn, ...), got "
+                f"{norm!r}, which needs spatial axes that a hidden vector lacks"
+            )
         self.input = nn.Linear(in_channels * row_size, width, bias=False)
         self.hidden = nn.Linear(width, width, bias=False)
         self.bias = nn.Parameter(torch.zeros(width))
@@ -248,6 +254,10 @@ def build_model(
         net = SmallResNet(layer_norm, in_channels, num_classes, width or 16, depth or 1)
     else:
         net = RowRNN(layer_norm, in_channels, num_classes, width or 64, height, row)
+    if norm in CONVERTED_NORMS and model == "rnn":
+        raise ValueError(
+            f"rnn: {norm!r} converts a convolutional ResNet; use it with cnn or resnet"
+        )
     if norm in CONVERTED_NORMS:
         convert = getattr(normlab, "convert", None)
         if convert is None:
