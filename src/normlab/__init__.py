@@ -10,11 +10,14 @@ Example:
 
 from normlab.errors import PatternError
 from normlab.layers import (
+    IBN,
+    BatchInstanceNorm,
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     GroupNorm,
+    IBNb,
     InstanceNorm,
     InstanceNorm1d,
     InstanceNorm2d,
@@ -43,6 +46,9 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "BatchInstanceNorm",
+    "IBN",
+    "IBNb",
     "Moments",
     "PatternError",
     "available_norms",

@@ -110,3 +110,9 @@ register(
     "RMS norm over channels per position, no centering",
 )
 register("none", _identity, "no normalization (identity)")
+
+# Hybrid, batch-renorm, batch-free and fused norm + activation layers.
+register("ibn", layers.IBN, "IBN-a: instance norm on the first channels, batch norm on the rest")
+register(
+    "bin", layers.BatchInstanceNorm, "batch-instance norm: learned per-channel mix of BN and IN"
+)

@@ -1,7 +1,9 @@
 """Normalization layers, one module per family, all configurations of the one engine."""
 
+from normlab.layers.batch_instance import BatchInstanceNorm
 from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.layers.groupnorm import GroupNorm
+from normlab.layers.ibn import IBN, IBNb
 from normlab.layers.instancenorm import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layernorm import LayerNorm, LayerNorm2d, RMSNorm
 
@@ -18,4 +20,7 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "BatchInstanceNorm",
+    "IBN",
+    "IBNb",
 ]
