@@ -25,6 +25,7 @@ from normlab.layers import (
     LayerNorm,
     LayerNorm2d,
     RMSNorm,
+    SwitchableNorm,
 )
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
@@ -49,6 +50,7 @@ __all__ = [
     "BatchInstanceNorm",
     "IBN",
     "IBNb",
+    "SwitchableNorm",
     "Moments",
     "PatternError",
     "available_norms",

@@ -116,3 +116,4 @@ register("ibn", layers.IBN, "IBN-a: instance norm on the first channels, batch n
 register(
     "bin", layers.BatchInstanceNorm, "batch-instance norm: learned per-channel mix of BN and IN"
 )
+register("sn", layers.SwitchableNorm, "switchable norm: learned mix of IN, LN and BN moments")

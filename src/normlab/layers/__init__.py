@@ -6,6 +6,7 @@ from normlab.layers.groupnorm import GroupNorm
 from normlab.layers.ibn import IBN, IBNb
 from normlab.layers.instancenorm import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layernorm import LayerNorm, LayerNorm2d, RMSNorm
+from normlab.layers.switchable import SwitchableNorm
 
 __all__ = [
     "BatchNorm",
@@ -23,4 +24,5 @@ __all__ = [
     "BatchInstanceNorm",
     "IBN",
     "IBNb",
+    "SwitchableNorm",
 ]
