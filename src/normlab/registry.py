@@ -117,3 +117,4 @@ register(
     "bin", layers.BatchInstanceNorm, "batch-instance norm: learned per-channel mix of BN and IN"
 )
 register("sn", layers.SwitchableNorm, "switchable norm: learned mix of IN, LN and BN moments")
+register("brn", layers.BatchRenorm, "batch renormalization: BN corrected toward running estimates")

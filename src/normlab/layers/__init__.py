@@ -6,6 +6,7 @@ from normlab.layers.groupnorm import GroupNorm
 from normlab.layers.ibn import IBN, IBNb
 from normlab.layers.instancenorm import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layernorm import LayerNorm, LayerNorm2d, RMSNorm
+from normlab.layers.renorm import BatchRenorm
 from normlab.layers.switchable import SwitchableNorm
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "IBN",
     "IBNb",
     "SwitchableNorm",
+    "BatchRenorm",
 ]
