@@ -27,6 +27,8 @@ from normlab.layers import (
     LayerNorm2d,
     RMSNorm,
     SwitchableNorm,
+    remove_weight_norm,
+    weight_norm,
 )
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
@@ -53,6 +55,8 @@ __all__ = [
     "IBNb",
     "SwitchableNorm",
     "BatchRenorm",
+    "remove_weight_norm",
+    "weight_norm",
     "Moments",
     "PatternError",
     "available_norms",

@@ -8,6 +8,7 @@ from normlab.layers.instancenorm import InstanceNorm, InstanceNorm1d, InstanceNo
 from normlab.layers.layernorm import LayerNorm, LayerNorm2d, RMSNorm
 from normlab.layers.renorm import BatchRenorm
 from normlab.layers.switchable import SwitchableNorm
+from normlab.layers.weight_norm import remove_weight_norm, weight_norm
 
 __all__ = [
     "BatchNorm",
@@ -27,4 +28,6 @@ __all__ = [
     "IBNb",
     "SwitchableNorm",
     "BatchRenorm",
+    "remove_weight_norm",
+    "weight_norm",
 ]
