@@ -118,3 +118,14 @@ register(
 )
 register("sn", layers.SwitchableNorm, "switchable norm: learned mix of IN, LN and BN moments")
 register("brn", layers.BatchRenorm, "batch renormalization: BN corrected toward running estimates")
+
+
+def _evonorm_s0(channels: int, **options: object) -> nn.Module:
+    if "num_groups" not in options and "group_size" not in options:
+        options["num_groups"] = default_groups(channels)
+    return layers.EvoNormS0(channels, **options)
+
+
+register("frn", layers.FilterResponseNorm, "filter response norm with TLU (no centering, no batch)")
+register("evonorm-b0", layers.EvoNormB0, "EvoNorm-B0: batch variance vs instance variance + v·x")
+register("evonorm-s0", _evonorm_s0, "EvoNorm-S0: x·sigmoid(v·x) over the group-norm std")

@@ -1,5 +1,6 @@
 """Normalization layers, one module per family, all configurations of the one engine."""
 
+from normlab.layers.batch_free import EvoNormB0, EvoNormS0, FilterResponseNorm
 from normlab.layers.batch_instance import BatchInstanceNorm
 from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.layers.groupnorm import GroupNorm
@@ -30,4 +31,7 @@ __all__ = [
     "BatchRenorm",
     "remove_weight_norm",
     "weight_norm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
 ]
