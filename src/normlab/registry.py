@@ -129,3 +129,10 @@ def _evonorm_s0(channels: int, **options: object) -> nn.Module:
 register("frn", layers.FilterResponseNorm, "filter response norm with TLU (no centering, no batch)")
 register("evonorm-b0", layers.EvoNormB0, "EvoNorm-B0: batch variance vs instance variance + v·x")
 register("evonorm-s0", _evonorm_s0, "EvoNorm-S0: x·sigmoid(v·x) over the group-norm std")
+for _norm in ("bn", "gn"):
+    for _act in ("relu", "silu"):
+        register(
+            f"{_norm}-{_act}",
+            lambda c, _n=_norm, _a=_act, **o: layers.norm_act(_n, c, act=_a, **o),
+            f"{_REGISTRY[_norm].summary}, then {_act} (state_dict as the plain norm's)",
+        )

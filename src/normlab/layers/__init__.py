@@ -7,6 +7,7 @@ from normlab.layers.groupnorm import GroupNorm
 from normlab.layers.ibn import IBN, IBNb
 from normlab.layers.instancenorm import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layernorm import LayerNorm, LayerNorm2d, RMSNorm
+from normlab.layers.norm_act import NormAct, norm_act
 from normlab.layers.renorm import BatchRenorm
 from normlab.layers.switchable import SwitchableNorm
 from normlab.layers.weight_norm import remove_weight_norm, weight_norm
@@ -34,4 +35,6 @@ __all__ = [
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm",
+    "NormAct",
+    "norm_act",
 ]
