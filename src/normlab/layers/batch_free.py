@@ -81,7 +81,9 @@ class FilterResponseNorm(nn.Module):
             y = normalize_with(x, p, torch.zeros_like(nu2), nu2, weight, bias, 0.0)
         else:
             y = normalize_batch(x, p, weight, bias, abs(self.eps), center=False)[0]
-        return torch.maximum(y, channel_view(self.tau, x.dim(), axis)) if self.tlu else y
+        if not self.tlu:
+            return y
+        return torch.maximum(y, channel_view(self.tau, x.dim(), axis).to(y.dtype))
 
     def extra_repr(self) -> str:
         eps = float(self.eps.detach()) if self.learnable_eps else self.eps
@@ -144,8 +146,10 @@ class EvoNormB0(nn.Module):
         std_b = channel_view(torch.sqrt(var_b + self.eps), x.dim(), axis)
         std_i = torch.sqrt(p.to_stats(inst.var) + self.eps)  # broadcasts: no groups here
         v = channel_view(self.v, x.dim(), axis)
-        y = x / torch.maximum(std_b, v * x + std_i)
-        return y * channel_view(self.weight, x.dim(), axis) + channel_view(self.bias, x.dim(), axis)
+        xs = x.to(std_i.dtype)  # float32 at least, as the statistics
+        y = xs / torch.maximum(std_b, v * xs + std_i)
+        y = y * channel_view(self.weight, x.dim(), axis) + channel_view(self.bias, x.dim(), axis)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running(self, unbiased_var: torch.Tensor) -> None:
@@ -221,7 +225,8 @@ class EvoNormS0(nn.Module):
         gated = x * torch.sigmoid(channel_view(self.v, x.dim(), axis) * x)
         weight = channel_view(self.weight, x.dim(), axis)
         bias = channel_view(self.bias, x.dim(), axis)
-        return normalize_with(gated, p, torch.zeros_like(var), var, weight, bias, self.eps)
+        y = normalize_with(gated, p, torch.zeros_like(var), var, weight, bias, self.eps)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"

@@ -88,7 +88,7 @@ class BatchInstanceNorm(TrackedNorm):
             y = y * channel_view(self.weight, x.dim(), axis) + channel_view(
                 self.bias, x.dim(), axis
             )
-        return y
+        return y.to(x.dtype)  # the gate and affine may be wider than a half-precision input
 
 
 @torch.no_grad()
