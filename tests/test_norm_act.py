@@ -111,3 +111,11 @@ def test_errors():
         NormAct(nn.BatchNorm2d(3), drop=1.0)
     with pytest.raises(ValueError, match="unknown normalization"):
         norm_act("bnx", 3)
+
+
+def test_sync_batchnorm_conversion_keeps_the_activation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), NormAct(nn.BatchNorm2d(4), act="silu"))
+    keys = list(model.state_dict())
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(synced[1].norm, nn.SyncBatchNorm) and isinstance(synced[1].act, nn.SiLU)
+    assert list(synced.state_dict()) == keys
