@@ -220,7 +220,9 @@ def test_channel_axis_minus_one_matches_torch_on_permuted_data(case):
         yo.backward(to_last(g)), yt.backward(to_last(g))
         assert_same(yo, yt, f"output step {step}")
         assert_same(xo.grad, to_last(xt.grad), f"input grad step {step}")
-        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        for (name, p), (_, q) in zip(
+            ours.named_parameters(), theirs.named_parameters(), strict=True
+        ):
             assert_same(p.grad, q.grad, f"{name} grad")
         ours.zero_grad(), theirs.zero_grad()
     for name, buffer in theirs.named_buffers():
