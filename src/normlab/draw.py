@@ -174,19 +174,47 @@ def _draw_block(ax: Axes, p: Plan, title: str, caption: str) -> None:
     width, height, depth = right, ys[-1] + 1, zs[-1] + 1
     label = dict(fontsize=9, color="#1a1a1a")
     c_text = _label(p, [c_dim]) if c_dim is not None else "(none)"
-    ax.text(width / 2, -height - 0.5, f"C (channels): {c_text} = {sizes['C']}{note('C')}",
-            ha="center", va="top", **label)  # fmt: skip
+    ax.text(
+        width / 2,
+        -height - 0.5,
+        f"C (channels): {c_text} = {sizes['C']}{note('C')}",
+        ha="center",
+        va="top",
+        **label,
+    )
     s_text = _label(p, s_dims) or "(none)"
     s_sizes = "×".join(str(p.shape[d]) for d in s_dims) or "1"
-    ax.text(-0.5, -height / 2, f"H·W (spatial): {s_text} = {s_sizes}{note('S')}",
-            ha="right", va="center", rotation=90, **label)  # fmt: skip
+    ax.text(
+        -0.5,
+        -height / 2,
+        f"H·W (spatial): {s_text} = {s_sizes}{note('S')}",
+        ha="right",
+        va="center",
+        rotation=90,
+        **label,
+    )
     nx, ny = point(0, 0, depth / 2)
-    ax.text(nx - 0.35, ny + 0.35, f"N (batch): {_label(p, [n_dim])} = {sizes['N']}{note('N')}",
-            ha="center", va="bottom", rotation=math.degrees(_ANGLE), rotation_mode="anchor",
-            **label)  # fmt: skip
+    ax.text(
+        nx - 0.35,
+        ny + 0.35,
+        f"N (batch): {_label(p, [n_dim])} = {sizes['N']}{note('N')}",
+        ha="center",
+        va="bottom",
+        rotation=math.degrees(_ANGLE),
+        rotation_mode="anchor",
+        **label,
+    )
     ax.set_title(title, fontsize=11, fontweight="bold", pad=4)
-    ax.text(0.5, 0.0, caption, transform=ax.transAxes, ha="center", va="top", fontsize=8.5,
-            color="#333333")  # fmt: skip
+    ax.text(
+        0.5,
+        0.0,
+        caption,
+        transform=ax.transAxes,
+        ha="center",
+        va="top",
+        fontsize=8.5,
+        color="#333333",
+    )
     tx, ty = point(width, 0, depth)
     ax.set_xlim(-2.2, max(tx, width) + 0.6)
     ax.set_ylim(-height - 2.4, ty + 1.6)
@@ -312,8 +340,13 @@ def _run(args: argparse.Namespace) -> int:
         if pattern is not None or sizes:
             raise ValueError("--compare draws the classical methods; give no pattern or sizes")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        draw_compare(shape, args.output, methods=methods, groups=args.groups,
-                     channels_last=args.channels_last)  # fmt: skip
+        draw_compare(
+            shape,
+            args.output,
+            methods=methods,
+            groups=args.groups,
+            channels_last=args.channels_last,
+        )
         print(f"wrote {args.output}: {', '.join(methods)} on shape {shape}")
         return 0
     if pattern is None:
