@@ -323,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
     if pattern is None and not args.compare:
         raise ValueError("expected a pattern such as 'n c h w -> c', or --compare")
     if pattern is None and sizes:
-        raise ValueError(f"sizes {sizes} need a pattern; for --compare give --groups G instead")
+        raise ValueError(
+            f"expected a pattern with sizes {sizes}; for --compare give --groups G instead"
+        )
     if pattern is not None:
         print(explain(pattern, shape, **sizes))
     if args.compare:

@@ -45,6 +45,7 @@ class Pattern:
 
 
 def _split_side(side: str, text: str) -> list[str]:
+    side = side.strip()  # "n c -> " keeps nothing: an empty side, not a bad token
     tokens, pos = [], 0
     while pos < len(side):
         match = _TOKEN.match(side, pos)
