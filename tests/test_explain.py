@@ -107,6 +107,9 @@ def test_depends_on_batch_and_words():
     bn = explain("n c h w -> c", (8, 64, 32, 32))
     assert bn.depends_on_batch and bn.batch_axis == "n"
     assert "depends on the other samples" in str(bn)
+    assert "batch of 1" not in str(bn)
+    alone = explain("n c h w -> c", (1, 64, 32, 32))
+    assert alone.depends_on_batch and "batch of 1" in str(alone)
     gn = explain("n (g k) h w -> n g", (8, 64, 16, 16), g=32)
     assert not gn.depends_on_batch
     assert "does not depend on other samples" in str(gn)

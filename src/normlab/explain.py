@@ -69,8 +69,10 @@ class Explanation:
             body = "each set S holds 1 element: nothing is reduced."
         lines.append(f"{head}; {body}")
         if self.depends_on_batch:
+            alone = all(self.size_of(a) == 1 for a in self.batch_axis.split())
             lines.append(
-                f"Output of one sample depends on the other samples ({self.batch_axis} is reduced)."
+                f"Output of one sample depends on the other samples ({self.batch_axis} is reduced"
+                + ("; with a batch of 1 there are none yet)." if alone else ").")
             )
         else:
             lines.append("Output of one sample does not depend on other samples.")
