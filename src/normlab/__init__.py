@@ -9,15 +9,45 @@ Example:
 """
 
 from normlab.errors import PatternError
+from normlab.layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LayerNorm2d,
+    RMSNorm,
+)
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
 from normlab.pattern import parse_pattern, plan
+from normlab.registry import available_norms, create_norm, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
+    "RMSNorm",
     "Moments",
     "PatternError",
+    "available_norms",
+    "create_norm",
+    "register",
     "combine",
     "moments",
     "normalize",

@@ -45,8 +45,7 @@ class Pattern:
 
 
 def _split_side(side: str, text: str) -> list[str]:
-    side = side.strip()  # "n c -> " keeps nothing: an empty side, not a bad token
-    tokens, pos = [], 0
+    tokens, pos, side = [], 0, side.strip()
     while pos < len(side):
         match = _TOKEN.match(side, pos)
         if match is None or match.end() == pos:
