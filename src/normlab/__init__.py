@@ -9,6 +9,7 @@ Example:
 """
 
 from normlab.errors import PatternError
+from normlab.explain import Explanation, explain
 from normlab.layers import (
     IBN,
     BatchInstanceNorm,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "Explanation",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -71,6 +73,7 @@ __all__ = [
     "PatternError",
     "available_norms",
     "create_norm",
+    "explain",
     "register",
     "combine",
     "moments",
