@@ -136,3 +136,4 @@ for _norm in ("bn", "gn"):
             lambda c, _n=_norm, _a=_act, **o: layers.norm_act(_n, c, act=_a, **o),
             f"{_REGISTRY[_norm].summary}, then {_act} (state_dict as the plain norm's)",
         )
+del _norm, _act
