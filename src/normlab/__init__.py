@@ -9,15 +9,72 @@ Example:
 """
 
 from normlab.errors import PatternError
+from normlab.explain import Explanation, explain
+from normlab.layers import (
+    IBN,
+    BatchInstanceNorm,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
+    GroupNorm,
+    IBNb,
+    InstanceNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LayerNorm2d,
+    NormAct,
+    RMSNorm,
+    SwitchableNorm,
+    norm_act,
+    remove_weight_norm,
+    weight_norm,
+)
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
 from normlab.pattern import parse_pattern, plan
+from normlab.registry import available_norms, create_norm, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
+    "Explanation",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
+    "RMSNorm",
+    "BatchInstanceNorm",
+    "IBN",
+    "IBNb",
+    "SwitchableNorm",
+    "BatchRenorm",
+    "remove_weight_norm",
+    "weight_norm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "NormAct",
+    "norm_act",
     "Moments",
     "PatternError",
+    "available_norms",
+    "create_norm",
+    "explain",
+    "register",
     "combine",
     "moments",
     "normalize",
