@@ -25,8 +25,8 @@ from normlab.lab.report import batch_size_table, shift_table, write_outputs
 from normlab.lab.sweep import EXPERIMENTS, DataSpec, plan_runs, reference_batch, run_sweep
 from normlab.lab.train import world
 
-DEFAULT_NORMS = ["bn", "gn", "in", "ln"]
-DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 32]
+DEFAULT_NORMS = ["bn", "gn", "in", "ln", "ibn"]
+DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16, 32]
 DEFAULT_EPOCHS = 4
 DEFAULT_SEEDS = 3
 

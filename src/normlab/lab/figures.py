@@ -42,6 +42,7 @@ def batch_size_figure(records: list[dict], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
     sizes = sorted({r["batch_size"] for r in records})
+    means: list[float] = []
     for norm in _norms(records):
         xs, ys, es = [], [], []
         for b in sizes:
@@ -54,11 +55,11 @@ def batch_size_figure(records: list[dict], path: Path) -> Path:
                 ys.append(mean)
                 es.append(std)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
+        means += ys
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
-    errors = [100 * r["error"] for r in records]
-    if min(errors) > 0 and max(errors) / min(errors) > 20:
-        ax.set_yscale("log")
+    if means and min(means) > 0 and max(means) / min(means) > 20:
+        ax.set_yscale("log")  # a failing norm would otherwise flatten every other line
     ax.set_xlabel("batch size (images per step, log scale)")
     ax.set_ylabel("test error (%)")
     ax.set_title(f"Test error vs batch size ({_seeds_note(records)})")
@@ -74,7 +75,7 @@ def shift_figure(records: list[dict], path: Path) -> Path:
     plt = _pyplot()
     norms = _norms(records)
     columns = ["clean", *SHIFTS]
-    fig, ax = plt.subplots(figsize=(8.0, 4.4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(9.0, 4.4), constrained_layout=True)
     width = 0.8 / len(norms)
     for i, norm in enumerate(norms):
         mine = [r for r in records if r["norm"] == norm]
@@ -84,7 +85,9 @@ def shift_figure(records: list[dict], path: Path) -> Path:
         ]
         xs = [j + (i - (len(norms) - 1) / 2) * width for j in range(len(columns))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2, label=norm)
-    ax.set_xticks(range(len(columns)), [SHIFT_LABELS.get(c, c) for c in columns])
+    ax.set_xticks(
+        range(len(columns)), [SHIFT_LABELS.get(c, c).replace(" ", "\n", 1) for c in columns]
+    )
     ax.set_ylim(0, 100)
     classes = records[0]["num_classes"]
     ax.axhline(100 / classes, color="grey", lw=0.8, ls=":", label=f"chance ({classes} classes)")
@@ -94,7 +97,7 @@ def shift_figure(records: list[dict], path: Path) -> Path:
         f"Accuracy under appearance shifts, batch {records[0]['batch_size']} "
         f"({_seeds_note(records)})"
     )
-    ax.legend(title="norm", ncols=3, fontsize="small")
+    ax.legend(title="norm", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -127,6 +130,7 @@ def curves_figure(records: list[dict], path: Path) -> Path:
     right.set_ylabel("test accuracy (%)")
     right.set_title("Test accuracy")
     for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
         ax.legend(title="norm")
     fig.suptitle(f"Training curves, batch {records[0]['batch_size']} ({_seeds_note(records)})")

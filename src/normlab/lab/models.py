@@ -197,16 +197,17 @@ class RowRNN(nn.Module):
         row_size: int = 16,
     ) -> None:
         super().__init__()
-        if norm in ("in", "ibn-a", "ibn-b"):
-            # A hidden state [N, width] has no spatial axis: one value per (sample, unit).
-            raise ValueError(
-                f"rnn: expected a norm over features or the batch (ln, rms, bn, ...), got "
-                f"{norm!r}, which needs spatial axes that a hidden vector lacks"
-            )
         self.input = nn.Linear(in_channels * row_size, width, bias=False)
         self.hidden = nn.Linear(width, width, bias=False)
         self.bias = nn.Parameter(torch.zeros(width))
         probe = norm_layer(norm, width)
+        try:  # a hidden state [N, width] has no positions: per-(sample, channel) norms fail
+            probe(torch.zeros(2, width))
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"rnn: norm {norm!r} cannot normalize a hidden vector [N, {width}] ({error}); "
+                "use one over features (ln, rms) or over the batch (bn)"
+            ) from error
         self.per_step = uses_batch_statistics(probe)
         copies = steps if self.per_step else 1
         self.norm_x = nn.ModuleList(norm_layer(norm, width) for _ in range(copies))
