@@ -112,6 +112,18 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     assert a["train_loss"] != c["train_loss"]
 
 
+def test_a_run_leaves_the_callers_random_state_and_settings_alone():
+    import torch
+
+    data = load_data("digits", limit=40)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_run(RunConfig(norm="gn", batch_size=8, epochs=1), data)
+    assert torch.equal(torch.rand(3), expected)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_bad_training_requests():
     data = load_data("digits", limit=40)
     with pytest.raises(ValueError, match="at most 40"):
@@ -245,3 +257,44 @@ def test_two_process_syncbn_matches_one_process_on_the_same_global_batch(tmp_pat
     assert two["syncbn"]["test_accuracy"] == one["syncbn"]["test_accuracy"]
     # plain bn under two processes normalizes over 4 images only: not the same run
     assert two["bn"]["train_loss"] != pytest.approx(one["bn"]["train_loss"], rel=1e-4)
+
+
+def test_a_run_the_norm_cannot_do_is_recorded_as_failed(tmp_path):
+    # Batch norm in the row-by-row RNN at batch 1: one value per unit and time step.
+    # Layer norm normalizes each sample by itself and trains at any batch size.
+    argv = [
+        "--model",
+        "rnn",
+        "--width",
+        "16",
+        "--norms",
+        "bn",
+        "ln",
+        "--batch-sizes",
+        "1",
+        "4",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--limit",
+        "24",
+        "--experiment",
+        "batch-size",
+        "--no-progress",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert compare(*argv) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["norm"], r["batch_size"]) for r in records} == {("ln", 1), ("ln", 4), ("bn", 4)}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "could not train" in summary and "bn at batch 1" in summary
+    assert "more than 1 value per channel" in summary
+    configs = plan_runs(
+        ["bn", "ln"], [1, 4], ["batch-size"], seeds=1, epochs=1, model="rnn", limit=24, width=16
+    )
+    _, executed = run_sweep(configs, tmp_path, DataSpec("digits", limit=24), progress=False)
+    assert executed == 0  # the failed run is not tried again

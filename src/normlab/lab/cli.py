@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 
 from normlab.lab.models import MODELS
-from normlab.lab.report import batch_size_table, shift_table, write_outputs
+from normlab.lab.report import batch_size_table, failed_lines, shift_table, write_outputs
 from normlab.lab.sweep import EXPERIMENTS, DataSpec, plan_runs, reference_batch, run_sweep
 from normlab.lab.train import world
 
 DEFAULT_NORMS = ["bn", "gn", "in", "ln", "ibn"]
-DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16, 32]
-DEFAULT_EPOCHS = 4
-DEFAULT_SEEDS = 3
+DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 32]
+DEFAULT_EPOCHS = 3
+DEFAULT_SEEDS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,12 +161,19 @@ def run(args: argparse.Namespace) -> int:
         )
         if rank != 0:
             return 0
+        failed = [r for r in records if "failed" in r]
+        records = [r for r in records if "failed" not in r]
+        if not records:
+            raise ValueError(f"every run failed; the first: {failed[0]['failed']}")
         paths = write_outputs(
             records,
             args.out,
             args.experiment,
             header=f"{args.data}, {args.model}, {args.epochs} epochs",
+            failed=failed,
         )
+        if failed:
+            print("runs that could not train:\n" + "\n".join(failed_lines(failed)), file=sys.stderr)
         elapsed = time.perf_counter() - start
         print(
             f"{executed} run(s) executed, {len(configs) - executed} already finished; "

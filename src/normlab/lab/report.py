@@ -178,10 +178,26 @@ def write_csv(records: list[dict], path: Path) -> None:
             )
 
 
+def failed_lines(failed: list[dict]) -> list[str]:
+    """One line per (norm, batch size) that could not train, with the reason."""
+    seen: dict[tuple[str, int], dict] = {}
+    for r in failed:
+        seen.setdefault((r["norm"], r["batch_size"]), r)
+    return [f"- {norm} at batch {b}: {r['failed']}" for (norm, b), r in seen.items()]
+
+
 def write_outputs(
-    records: list[dict], out_dir: str | Path, experiments: list[str], header: str = ""
+    records: list[dict],
+    out_dir: str | Path,
+    experiments: list[str],
+    header: str = "",
+    failed: list[dict] | None = None,
 ) -> dict[str, Path]:
-    """Write results.json, results.csv, summary.md and the figures; return their paths."""
+    """Write results.json, results.csv, summary.md and the figures; return their paths.
+
+    `records` are finished runs; `failed` runs (a "failed" message, no accuracy) are
+    listed in summary.md only.
+    """
     from normlab.lab import figures
 
     out = Path(out_dir)
@@ -242,6 +258,8 @@ def write_outputs(
             "![training curves](curves.png)",
             "",
         ]
+    if failed:
+        text += ["## Runs that could not train", "", *failed_lines(failed), ""]
     wall = sum(r["wall_time"] for r in records)
     text += [f"Total training time of these runs: {wall:.0f} s (summed over runs)."]
     paths["summary"].write_text("\n".join(text) + "\n")

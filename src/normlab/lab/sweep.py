@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
@@ -104,12 +104,21 @@ def _write_atomic(path: Path, text: str) -> None:
 _WORKER_DATA: dict[DataSpec, ImageData] = {}
 
 
+def _guarded_run(config: RunConfig, images: ImageData, device: str) -> dict:
+    """Train; a run that a norm cannot do (batch norm on one value per channel, say)
+    becomes a record {config..., "failed": message} instead of ending the sweep."""
+    try:
+        return train_run(config, images, device)
+    except ValueError as error:
+        return {**asdict(config), "failed": str(error)}
+
+
 def _worker_run(config: RunConfig, data: DataSpec, device: str, threads: int) -> dict:
     # Runs in a worker process: the data set is loaded once per worker and kept.
     torch.set_num_threads(threads)
     if data not in _WORKER_DATA:
         _WORKER_DATA[data] = data.load()
-    return train_run(config, _WORKER_DATA[data], device)
+    return _guarded_run(config, _WORKER_DATA[data], device)
 
 
 def _progress(total: int, enabled: bool) -> object:
@@ -129,7 +138,11 @@ def run_sweep(
     jobs: int = 1,
     progress: bool = True,
 ) -> tuple[list[dict], int]:
-    """Run every config not finished in `out_dir`; return (records in config order, runs executed)."""
+    """Run every config not finished in `out_dir`; return (records in config order, runs executed).
+
+    A run that raised ValueError (the norm cannot work in that setting) is kept as a
+    record with a "failed" message and no accuracy; it is not run again either.
+    """
     out = Path(out_dir)
     rank, world_size = world()
     done: dict[RunConfig, dict] = {}
@@ -151,9 +164,8 @@ def run_sweep(
         if rank == 0:
             _write_atomic(_record_path(out, config), json.dumps(record, indent=1))
         if bar is not None:
-            bar.set_postfix_str(
-                f"{config.norm} b{config.batch_size} s{config.seed}: acc {record['accuracy']:.3f}"
-            )
+            outcome = "failed" if "failed" in record else f"acc {record['accuracy']:.3f}"
+            bar.set_postfix_str(f"{config.norm} b{config.batch_size} s{config.seed}: {outcome}")
             bar.update(1)
 
     if jobs > 1 and len(pending) > 1 and world_size == 1 and device == "cpu":
@@ -169,7 +181,7 @@ def run_sweep(
     elif pending:
         images = data.load()
         for config in pending:
-            finish(config, train_run(config, images, device))
+            finish(config, _guarded_run(config, images, device))
     if bar is not None:
         bar.close()
     return [done[c] for c in configs], len(pending)

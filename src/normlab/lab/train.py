@@ -17,11 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,15 +68,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def set_determinism(seed: int, device: torch.device) -> None:
-    """Seed torch and ask for deterministic kernels (cheap on CPU; warn-only on CUDA)."""
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.use_deterministic_algorithms(True)
+@contextlib.contextmanager
+def deterministic(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch and ask for deterministic kernels (cheap on CPU; warn-only on CUDA);
+    the caller's random state and determinism setting are restored afterwards."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @torch.no_grad()
@@ -109,7 +119,7 @@ def train_run(
     `progress`: an object with ``update(n)`` (a tqdm bar) told of every finished step.
     """
     device = torch.device(device)
-    rank, world_size = world()
+    _, world_size = world()
     batch = config.batch_size
     if batch < 1 or batch % world_size:
         raise ValueError(
@@ -120,8 +130,15 @@ def train_run(
         raise ValueError(
             f"batch size: expected at most {n_train} (the training images), got {batch}"
         )
+    with deterministic(config.seed, device):
+        return _train(config, data, device, progress)
+
+
+def _train(config: RunConfig, data: ImageData, device: torch.device, progress: object) -> dict:
+    rank, world_size = world()
+    batch = config.batch_size
     local = batch // world_size
-    set_determinism(config.seed, device)
+    n_train = len(data.x_train)
     model = build_model(
         config.model,
         config.norm,
