@@ -22,6 +22,22 @@ CONVERTED_NORMS = ("ibn-a", "ibn-b")
 MODELS = ("cnn", "resnet", "rnn")
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum over processes is the sum of gradients."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class _SyncBatchNormPlaceholder(nn.BatchNorm1d):
     """Batch norm whose statistics are summed over all processes (any device, gloo too).
 
@@ -37,8 +53,7 @@ class _SyncBatchNormPlaceholder(nn.BatchNorm1d):
         self._check_input_dim(x)
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
         count = all_reduce(count)
