@@ -15,6 +15,14 @@ from normlab.lab.shifts import SHIFTS, brightness, contrast, gamma, invert, nois
 NORMS = ["bn", "gn", "in", "ln", "none"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def registry_calls(monkeypatch):
     """Record every (name, channels) the models ask the registry for."""

@@ -40,6 +40,22 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: threads only add overhead, and test workers run side by side.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_data("digits", limit=40)
+
+
 def compare(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -102,8 +118,8 @@ def test_plan_runs_shift_and_curves_use_the_reference_batch():
         plan_runs([], [2], ["shift"], seeds=1, epochs=1)
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers():
-    data = load_data("digits", limit=40)
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_data):
+    data = tiny_data
     config = RunConfig(norm="bn", batch_size=4, epochs=2, seed=3)
     a, b = train_run(config, data), train_run(config, data)
     c = train_run(RunConfig(norm="bn", batch_size=4, epochs=2, seed=4), data)
@@ -112,10 +128,10 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     assert a["train_loss"] != c["train_loss"]
 
 
-def test_a_run_leaves_the_callers_random_state_and_settings_alone():
+def test_a_run_leaves_the_callers_random_state_and_settings_alone(tiny_data):
     import torch
 
-    data = load_data("digits", limit=40)
+    data = tiny_data
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -124,8 +140,8 @@ def test_a_run_leaves_the_callers_random_state_and_settings_alone():
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_bad_training_requests():
-    data = load_data("digits", limit=40)
+def test_bad_training_requests(tiny_data):
+    data = tiny_data
     with pytest.raises(ValueError, match="at most 40"):
         train_run(RunConfig(norm="bn", batch_size=64, epochs=1), data)
     with pytest.raises(ValueError, match="positive multiple"):

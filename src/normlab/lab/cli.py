@@ -163,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         failed = [r for r in records if "failed" in r]
-        records = [r for r in records if "failed" not in r]
+        # tables list the norms in the order asked for, even when a norm's first run failed
+        records = sorted(
+            (r for r in records if "failed" not in r), key=lambda r: args.norms.index(r["norm"])
+        )
         if not records:
             raise ValueError(f"every run failed; the first: {failed[0]['failed']}")
         paths = write_outputs(
