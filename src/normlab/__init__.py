@@ -8,7 +8,11 @@ Example:
     >>> y = normlab.normalize(torch.randn(8, 64, 4, 4), "n (g k) h w -> n g", g=32)
 """
 
+from normlab import conventions
+from normlab.convert import ConversionReport, convert
 from normlab.errors import PatternError
+from normlab.fold import fold
+from normlab.freeze import FrozenBatchNorm, freeze, unfreeze, update_stats
 from normlab.layers import (
     BatchNorm,
     BatchNorm1d,
@@ -27,6 +31,7 @@ from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
 from normlab.pattern import parse_pattern, plan
 from normlab.registry import available_norms, create_norm, register
+from normlab.sync import SyncBatchNorm, revert_sync_batchnorm, synchronized_moments
 
 __version__ = "0.1.0"
 
@@ -43,6 +48,17 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "SyncBatchNorm",
+    "FrozenBatchNorm",
+    "ConversionReport",
+    "conventions",
+    "convert",
+    "fold",
+    "freeze",
+    "unfreeze",
+    "update_stats",
+    "revert_sync_batchnorm",
+    "synchronized_moments",
     "Moments",
     "PatternError",
     "available_norms",

@@ -110,3 +110,21 @@ register(
     "RMS norm over channels per position, no centering",
 )
 register("none", _identity, "no normalization (identity)")
+
+
+def _sync_batch_norm(channels: int, **options: object) -> nn.Module:
+    from normlab.sync import SyncBatchNorm
+
+    return SyncBatchNorm(channels, **options)
+
+
+def _frozen_batch_norm(channels: int, **options: object) -> nn.Module:
+    from normlab.freeze import FrozenBatchNorm
+
+    return FrozenBatchNorm(channels, **options)
+
+
+register(
+    "syncbn", _sync_batch_norm, "batch norm synchronized over the processes of a distributed group"
+)
+register("frozenbn", _frozen_batch_norm, "frozen batch norm: fixed statistics and affine (buffers)")
