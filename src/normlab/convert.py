@@ -356,7 +356,10 @@ def _replace(
                 done[id(module)] = new
                 report.replaced.append(entry)
             return done[id(module)]
-        for child_name, child in list(module.named_children()):
+        # _modules, not named_children(): a layer used twice is visited (and swapped) twice
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
             new = visit(f"{name}.{child_name}" if name else child_name, child)
             if new is not child:
                 setattr(module, child_name, new)
@@ -485,6 +488,10 @@ def _instance_after_add(
         f"convert(to='ibn-b'): expected {name} to end with relu(out + identity) and to have "
         f"a last norm 'bn3' or 'bn2'"
     )
+    if "forward" in vars(block):
+        raise ValueError(
+            f"{where_wrong}; its forward is patched on the instance, which tracing ignores"
+        )
     last = getattr(block, "bn3", None) or getattr(block, "bn2", None)
     if not is_norm(last):
         raise ValueError(f"{where_wrong}; got {type(block).__name__} without one")
