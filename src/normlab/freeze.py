@@ -172,7 +172,8 @@ def update_stats(
         )
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in tracked}
-    like = next(iter(model.parameters()), None) or next(iter(model.buffers()))
+    like = next(iter(model.parameters()), None)
+    like = like if like is not None else next(iter(model.buffers()))
     seen = 0
     try:
         for m in tracked:
