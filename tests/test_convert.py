@@ -239,7 +239,8 @@ def test_norm_activation_keeps_its_activation_and_keys():
     layer = randomize_norms(BatchNormAct2d(6, act=nn.GELU)).eval()
     x = torch.randn(3, 6, 4, 4)
     new, report = convert(copy.deepcopy(layer), "gn", num_groups=3)
-    assert type(new).__name__ == "GroupNormAct" and isinstance(new.act, nn.GELU)
+    assert isinstance(new, normlab.NormAct) and type(new.norm) is normlab.GroupNorm
+    assert isinstance(new.act, nn.GELU)
     gn = nn.GroupNorm(3, 6)
     gn.load_state_dict({"weight": layer.weight, "bias": layer.bias})
     torch.testing.assert_close(new(x), F.gelu(gn(x)))
@@ -247,8 +248,23 @@ def test_norm_activation_keeps_its_activation_and_keys():
     frozen = normlab.freeze(copy.deepcopy(layer))
     assert frozen.state_dict().keys() == {"weight", "bias", "running_mean", "running_var"}
     torch.testing.assert_close(frozen(x), layer(x))
-    copied = copy.deepcopy(frozen)
-    torch.testing.assert_close(pickle.loads(pickle.dumps(copied))(x), layer(x))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(frozen))(x), layer(x))
+
+
+def test_norm_act_is_looked_into():
+    model = randomize_norms(
+        nn.Sequential(nn.Conv2d(3, 8, 1), normlab.norm_act("bn", 8, act="silu"))
+    )
+    keys = model.state_dict().keys()
+    model, report = convert(model, "frozenbn")
+    assert [r.name for r in report.replaced] == ["1.norm"]
+    assert isinstance(model[1], normlab.NormAct) and isinstance(model[1].act, nn.SiLU)
+    assert model.state_dict().keys() == keys - {"1.num_batches_tracked"}
+    # and a registry norm-activation target receives what the old norm carried
+    bn = randomize_norms(nn.Sequential(nn.BatchNorm2d(8)))
+    (new,), report = convert(copy.deepcopy(bn), "bn-relu")
+    torch.testing.assert_close(new.norm.running_var, bn[0].running_var)
+    assert report.not_carried == {}
 
 
 def test_subclass_that_only_changes_defaults_is_its_base():
@@ -392,3 +408,15 @@ def test_recipe_errors(ibn):
 class NoFinalReLU(Bottleneck):
     def forward(self, x):
         return self.bn3(self.conv3(self.conv2(self.conv1(x)))) + x
+
+
+def test_switched_off_features_stay_off():
+    bn = nn.Sequential(
+        nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4, track_running_stats=False)
+    )
+    model, report = convert(copy.deepcopy(bn), "syncbn")
+    assert model[0].weight is None and model[1].running_mean is None
+    model, report = convert(copy.deepcopy(bn), "ln2d")  # LayerNorm2d has no such switch
+    assert model[0].weight is None
+    model, report = convert(copy.deepcopy(bn), "rms")  # RMSNorm has no `affine`
+    assert "does not take {'affine': False}" in str(report)

@@ -234,6 +234,16 @@ def test_sync_and_frozen_and_subclass():
     assert [type(m).__name__ for m in folded][1::2] == ["Identity", "Identity", "Scaled"]
 
 
+def test_norm_act_inner_batch_norm_folds():
+    model = (
+        randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 1), normlab.norm_act("bn", 4, act="relu")))
+        .double()
+        .eval()
+    )
+    folded = _check(model, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert isinstance(folded[1].norm, nn.Identity) and isinstance(folded[1].act, nn.ReLU)
+
+
 def test_batch_norm_without_running_stats_stays():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     folded = _check(model, torch.randn(3, 3, 4, 4))

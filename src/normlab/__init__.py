@@ -11,21 +11,34 @@ Example:
 from normlab import conventions
 from normlab.convert import ConversionReport, convert
 from normlab.errors import PatternError
+from normlab.explain import Explanation, explain
 from normlab.fold import fold
 from normlab.freeze import FrozenBatchNorm, freeze, unfreeze, update_stats
 from normlab.layers import (
+    IBN,
+    BatchInstanceNorm,
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     GroupNorm,
+    IBNb,
     InstanceNorm,
     InstanceNorm1d,
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    NormAct,
     RMSNorm,
+    SwitchableNorm,
+    norm_act,
+    remove_weight_norm,
+    weight_norm,
 )
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
@@ -37,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "Explanation",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -48,6 +62,18 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "BatchInstanceNorm",
+    "IBN",
+    "IBNb",
+    "SwitchableNorm",
+    "BatchRenorm",
+    "remove_weight_norm",
+    "weight_norm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "NormAct",
+    "norm_act",
     "SyncBatchNorm",
     "FrozenBatchNorm",
     "ConversionReport",
@@ -63,6 +89,7 @@ __all__ = [
     "PatternError",
     "available_norms",
     "create_norm",
+    "explain",
     "register",
     "combine",
     "moments",

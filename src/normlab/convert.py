@@ -9,9 +9,10 @@ flags are kept.
 
 Subclasses are never cut down silently: one that only changes ``__init__`` is treated
 as its torch base; one with an activation inside (timm's norm-activation layers, whose
-children ``drop`` and ``act`` run after the norm) becomes the new norm with the same
-``drop`` and ``act`` (and the same state_dict keys); any other overridden ``forward`` or
-extra submodule raises, naming the layer (exclude it with ``where=``).
+children ``drop`` and ``act`` run after the norm) becomes :class:`~normlab.NormAct` of
+the new norm with the same ``drop`` and ``act`` (and the same state_dict keys); any
+other overridden ``forward`` or extra submodule raises, naming the layer (exclude it
+with ``where=``). A :class:`~normlab.NormAct` is a container: its ``norm`` is converted.
 
 Recipes: ``to="ibn-a"`` and ``to="ibn-b"`` turn a ResNet (torchvision module names) into
 the IBN-Net variants of Pan et al. (2018).
@@ -30,6 +31,9 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normlab.layers.ibn import IBNb
+from normlab.layers.norm_act import NormAct
+from normlab.layers.running import RunningStatsMixin
 from normlab.registry import create_norm
 
 Where = Callable[[str, nn.Module], bool] | str | None
@@ -84,7 +88,12 @@ class ConversionReport:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalization layer: torch.nn's (and their subclasses) or one of normlab's."""
+    """A normalization layer: torch.nn's (and their subclasses) or one of normlab's.
+
+    A :class:`~normlab.NormAct` is not one: tools look inside it, at its ``norm``.
+    """
+    if isinstance(module, NormAct):
+        return False
     return isinstance(module, _TORCH_NORMS) or _is_normlab_norm(type(module))
 
 
@@ -111,43 +120,10 @@ def _known_base(cls: type) -> type:
 # --------------------------------------------------------------------------- norm + activation
 
 
-class _ActivationAfter:
-    """The norm, then ``self.drop``, then ``self.act``: timm's norm-activation convention."""
-
-    _norm_base: type
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        # The class is made on the fly; pickle (and deepcopy) rebuild it from its base.
-        return _rebuild_with_activation, (self._norm_base,), self.__dict__.copy()
-
-
-_WITH_ACTIVATION: dict[type, type] = {}
-
-
-def with_activation(norm_class: type) -> type:
-    """`norm_class` followed by children ``drop`` and ``act`` (e.g. ``GroupNormAct``)."""
-    if norm_class not in _WITH_ACTIVATION:
-        _WITH_ACTIVATION[norm_class] = type(
-            f"{norm_class.__name__}Act",
-            (_ActivationAfter, norm_class),
-            {"_norm_base": norm_class, "__module__": __name__},
-        )
-    return _WITH_ACTIVATION[norm_class]
-
-
-def _rebuild_with_activation(norm_class: type) -> nn.Module:
-    return object.__new__(with_activation(norm_class))
-
-
 def _behaviour(name: str, module: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """The (drop, act) to keep after the new norm, or (None, None); raise if the module's
     behaviour can neither be kept nor safely replaced."""
     cls = type(module)
-    if isinstance(module, _ActivationAfter):
-        return module.drop, module.act
     if _trusted(cls):
         return None, None
     base = _known_base(cls)
@@ -222,8 +198,20 @@ def _build(
     opts = dict(options)
     if axis == -1 and "channel_axis" not in opts:
         opts["channel_axis"] = -1  # channels-last data stays channels-last
+    # What the old layer switched off stays off where the new one has the switch: no new
+    # trainable γ/β, no running statistics the old layer did not keep.
+    off = {k: False for k in ("affine", "track_running_stats") if getattr(old, k, True) is False}
+    if getattr(old, "affine", False) and getattr(old, "bias", 0) is None:
+        off["bias"] = False
+    off = {k: v for k, v in off.items() if k not in opts}
     try:
-        new = factory(channels, **opts)
+        try:
+            new = factory(channels, **opts, **off)
+        except TypeError:
+            if not off:
+                raise
+            new = factory(channels, **opts)
+            off = {"not passed": off}
     except TypeError as error:
         raise TypeError(
             f"convert: building {label} for {name or '<root>'} ({channels} channels, options "
@@ -237,13 +225,20 @@ def _build(
     if like is not None:
         new.to(device=like.device, dtype=like.dtype)
     report = Replacement(name, type(old).__name__, type(new).__name__)
+    if off:
+        report.notes.append(
+            f"kept off: {off}"
+            if "not passed" not in off
+            else f"{label} does not take {off['not passed']}"
+        )
     _carry(old, new, options, report)
-    if act is not None:
-        new.__class__ = with_activation(type(new))
-        new.drop, new.act = drop, act
-        report.target = type(new).__name__
-        report.notes.append("kept drop/act after the norm")
     new.train(old.training)
+    if act is not None:
+        new = NormAct(new, act=act)
+        new.drop = drop
+        new.train(old.training)
+        report.target = f"NormAct({report.target})"
+        report.notes.append("kept drop/act after the norm")
     return new, report
 
 
@@ -261,10 +256,14 @@ def _copy(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 def _carry(old: nn.Module, new: nn.Module, options: dict, report: Replacement) -> None:
+    new = new.norm if isinstance(new, NormAct) else new  # "bn-relu" and the like
     for attr in ("eps", "momentum"):
         value = getattr(old, attr, None)
         # momentum has one meaning only between torch-convention layers (weight of the new value)
-        same_meaning = attr == "eps" or (isinstance(old, _NormBase) and isinstance(new, _NormBase))
+        torch_style = (_NormBase, RunningStatsMixin)
+        same_meaning = attr == "eps" or (
+            isinstance(old, torch_style) and isinstance(new, torch_style)
+        )
         if attr not in options and hasattr(new, attr) and same_meaning and value is not None:
             setattr(new, attr, value)
             report.carried.append(attr)
@@ -509,7 +508,7 @@ def _instance_after_add(
     if not is_add:
         raise ValueError(f"{where_wrong}; the final ReLU is not applied to a sum")
     channels = _features(name, last)[0]
-    norm = create_norm("in", channels, **options)
+    norm = IBNb(channels, **options)
     like = _first_tensor(last)
     if like is not None:
         norm.to(device=like.device, dtype=like.dtype)

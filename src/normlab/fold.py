@@ -30,16 +30,16 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from normlab.convert import _ActivationAfter, _trusted, is_norm
+from normlab.convert import _trusted, is_norm
 from normlab.freeze import FrozenBatchNorm
+from normlab.layers.norm_act import NormAct
 
 _LAYERS = (_ConvNd, nn.Linear)
 
 
 def _foldable_norm(module: nn.Module) -> bool:
     kinds = isinstance(module, (_BatchNorm, FrozenBatchNorm))
-    plain = _trusted(type(module)) and not isinstance(module, _ActivationAfter)
-    return kinds and plain and not getattr(module, "per_activation", False)
+    return kinds and _trusted(type(module)) and not getattr(module, "per_activation", False)
 
 
 def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -159,6 +159,8 @@ class _Tracer(fx.Tracer):
     """Norms, convs and linears (and every normlab layer) stay single calls in the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, NormAct):
+            return False  # look inside: its norm may fold into the layer before
         keep = isinstance(m, _LAYERS) or is_norm(m) or type(m).__module__.startswith("normlab.")
         return keep or super().is_leaf_module(m, qualname)
 

@@ -130,8 +130,9 @@ def unfreeze(model: nn.Module, *, where: Where = None, **options: Any) -> nn.Mod
 
 
 def _tracks(module: nn.Module) -> bool:
+    # own buffers only: a NormAct forwards attribute reads to its norm, which counts itself
     return (
-        getattr(module, "running_mean", None) is not None
+        module._buffers.get("running_mean") is not None
         and hasattr(module, "momentum")
         and callable(getattr(module, "reset_running_stats", None))
     )

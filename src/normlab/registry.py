@@ -111,6 +111,33 @@ register(
 )
 register("none", _identity, "no normalization (identity)")
 
+# Hybrid, batch-renorm, batch-free and fused norm + activation layers.
+register("ibn", layers.IBN, "IBN-a: instance norm on the first channels, batch norm on the rest")
+register(
+    "bin", layers.BatchInstanceNorm, "batch-instance norm: learned per-channel mix of BN and IN"
+)
+register("sn", layers.SwitchableNorm, "switchable norm: learned mix of IN, LN and BN moments")
+register("brn", layers.BatchRenorm, "batch renormalization: BN corrected toward running estimates")
+
+
+def _evonorm_s0(channels: int, **options: object) -> nn.Module:
+    if "num_groups" not in options and "group_size" not in options:
+        options["num_groups"] = default_groups(channels)
+    return layers.EvoNormS0(channels, **options)
+
+
+register("frn", layers.FilterResponseNorm, "filter response norm with TLU (no centering, no batch)")
+register("evonorm-b0", layers.EvoNormB0, "EvoNorm-B0: batch variance vs instance variance + v·x")
+register("evonorm-s0", _evonorm_s0, "EvoNorm-S0: x·sigmoid(v·x) over the group-norm std")
+for _norm in ("bn", "gn"):
+    for _act in ("relu", "silu"):
+        register(
+            f"{_norm}-{_act}",
+            lambda c, _n=_norm, _a=_act, **o: layers.norm_act(_n, c, act=_a, **o),
+            f"{_REGISTRY[_norm].summary}, then {_act} (state_dict as the plain norm's)",
+        )
+del _norm, _act
+
 
 def _sync_batch_norm(channels: int, **options: object) -> nn.Module:
     from normlab.sync import SyncBatchNorm

@@ -42,8 +42,7 @@ class _BatchNormForward(RunningStatsMixin):
                 )
             weight, bias = self.weight, self.bias
         else:
-            axis = self.channel_axis % max(x.dim(), 1)
-            check_input(self, x, self._ranks, self.num_features, axis)
+            axis = check_input(self, x, self._ranks, self.num_features, self.channel_axis)
             weight = channel_view(self.weight, x.dim(), axis)
             bias = channel_view(self.bias, x.dim(), axis)
         p = plan(self.pattern(), x.shape)

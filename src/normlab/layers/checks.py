@@ -25,22 +25,24 @@ def check_input(
     ranks: tuple[int, ...] | None = None,
     channels: int | None = None,
     channel_axis: int = 1,
-) -> torch.Tensor:
-    """Type, rank and channel count of a layer's input, with messages naming the layer."""
+    min_rank: int = 2,
+) -> int:
+    """Check type, rank and channel count of a layer's input; return the channel dim's index."""
     check_floating(x, describe(module))
     if ranks is not None and x.dim() not in ranks:
         wanted = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{describe(module)}: expected {wanted} input, got shape {tuple(x.shape)}")
-    if ranks is None and x.dim() < 2:
+    if ranks is None and x.dim() < min_rank:
         raise ValueError(
-            f"{describe(module)}: expected input of at least 2 dims (N, C, ...), got shape {tuple(x.shape)}"
+            f"{describe(module)}: expected input of at least {min_rank} dims, got shape {tuple(x.shape)}"
         )
-    if channels is not None and x.shape[channel_axis] != channels:
+    axis = channel_axis % x.dim()
+    if channels is not None and x.shape[axis] != channels:
         raise ValueError(
-            f"{describe(module)}: expected {channels} channels at dim {channel_axis}, "
-            f"got {x.shape[channel_axis]} (input shape {tuple(x.shape)})"
+            f"{describe(module)}: expected {channels} channels at dim {axis}, "
+            f"got {x.shape[axis]} (input shape {tuple(x.shape)})"
         )
-    return x
+    return axis
 
 
 def channel_view(param: torch.Tensor | None, ndim: int, channel_axis: int) -> torch.Tensor | None:

@@ -64,8 +64,7 @@ class GroupNorm(nn.GroupNorm):
         return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.channel_axis % max(x.dim(), 1)
-        check_input(self, x, None, self.num_channels, axis)
+        axis = check_input(self, x, None, self.num_channels, self.channel_axis)
         p = plan(self.pattern(), x.shape, g=self.num_groups)
         weight = channel_view(self.weight, x.dim(), axis)
         bias = channel_view(self.bias, x.dim(), axis)

@@ -36,11 +36,13 @@ class _InstanceNormForward(RunningStatsMixin):
         return "n c ... -> n c" if self.channel_axis == 1 else "n ... c -> n c"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._ranks is not None and x.dim() == self._ranks[0] - 1 and x.dim() >= 2:
+        unbatched = isinstance(x, torch.Tensor) and self._ranks and x.dim() == self._ranks[0] - 1
+        if unbatched and x.dim() >= 2:
             return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched (C, ...) input, as torch
-        axis = self.channel_axis % max(x.dim(), 1)
         tracked = self.affine or self.track_running_stats
-        check_input(self, x, self._ranks, self.num_features if tracked else None, axis)
+        axis = check_input(
+            self, x, self._ranks, self.num_features if tracked else None, self.channel_axis
+        )
         p = plan(self.pattern(), x.shape)
         running = plan("n c ... -> c" if self.channel_axis == 1 else "n ... c -> c", x.shape)
         weight = channel_view(self.weight, x.dim(), axis)

@@ -41,19 +41,19 @@ class _FeatureNormForward:
         return self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, ranks=None if self.channel_axis == 1 else tuple(range(1, 64)))
-        dims = len(self.normalized_shape)
-        if self.channel_axis == 1:
-            check_input(self, x, None, self.normalized_shape[0], 1)
-        elif tuple(x.shape[x.dim() - dims :]) != tuple(self.normalized_shape):
-            raise ValueError(
-                f"{describe(self)}: expected input of shape (*, {', '.join(map(str, self.normalized_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
         weight = getattr(self, "weight", None)
         bias = getattr(self, "bias", None)
         if self.channel_axis == 1:
+            check_input(self, x, None, self.normalized_shape[0], 1)
             weight, bias = channel_view(weight, x.dim(), 1), channel_view(bias, x.dim(), 1)
+        else:
+            dims = len(self.normalized_shape)
+            check_input(self, x, None, None, -1, min_rank=dims)
+            if tuple(x.shape[x.dim() - dims :]) != tuple(self.normalized_shape):
+                raise ValueError(
+                    f"{describe(self)}: expected input of shape "
+                    f"(*, {', '.join(map(str, self.normalized_shape))}), got {tuple(x.shape)}"
+                )
         p = plan(self.pattern(), x.shape)
         return normalize_batch(x, p, weight, bias, self._eps(x), self.center)[0]
 
