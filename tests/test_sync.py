@@ -241,6 +241,11 @@ def test_errors():
         synchronized_moments((torch.zeros(3), torch.ones(3)))
     with pytest.raises(TypeError, match="nn.Module"):
         SyncBatchNorm.convert_sync_batchnorm("model")
+    with pytest.raises(TypeError, match="nn.Module"):
+        revert_sync_batchnorm(None)
+    plain = nn.Sequential(nn.Linear(2, 2))  # nothing to convert: returned as it is, as torch's
+    assert SyncBatchNorm.convert_sync_batchnorm(plain) is plain
+    assert revert_sync_batchnorm(plain) is plain
 
 
 # ----------------------------------------------------------------- conversion

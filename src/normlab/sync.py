@@ -182,14 +182,11 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         Example:
             >>> net = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))
         """
-        from normlab.convert import convert, is_batch_norm
+        from normlab.convert import convert_all, is_batch_norm
 
-        return convert(
-            module,
-            cls,
-            where=lambda name, m: is_batch_norm(m),
-            process_group=process_group,
-        )[0]
+        return convert_all(
+            module, cls, where=lambda name, m: is_batch_norm(m), process_group=process_group
+        )
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -198,6 +195,6 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     Example:
         >>> net = revert_sync_batchnorm(SyncBatchNorm.convert_sync_batchnorm(net))  # doctest: +SKIP
     """
-    from normlab.convert import convert
+    from normlab.convert import convert_all
 
-    return convert(module, "bn", where=lambda name, m: isinstance(m, nn.SyncBatchNorm))[0]
+    return convert_all(module, "bn", where=lambda name, m: isinstance(m, nn.SyncBatchNorm))
