@@ -420,3 +420,15 @@ def test_switched_off_features_stay_off():
     assert model[0].weight is None
     model, report = convert(copy.deepcopy(bn), "rms")  # RMSNorm has no `affine`
     assert "does not take {'affine': False}" in str(report)
+
+
+def test_bn_to_ibn_and_back_carries_the_parts():
+    bn = randomize_norms(nn.Sequential(nn.BatchNorm2d(6)))
+    ibn_model, _ = convert(copy.deepcopy(bn), "ibn")
+    assert isinstance(ibn_model[0], normlab.IBN)
+    back, report = convert(ibn_model, "bn")
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(getattr(back[0], key), getattr(bn[0], key))
+    assert "IN.weight+BN.weight->weight" in report.replaced[0].carried
+    assert "BN.num_batches_tracked->num_batches_tracked" in report.replaced[0].carried
+    assert report.not_carried["0"] == ["running_mean (IN has none)", "running_var (IN has none)"]

@@ -278,6 +278,8 @@ def _carry(old: nn.Module, new: nn.Module, options: dict, report: Replacement) -
             left.append(key)
     if left and not any(k in theirs for k in _CARRIED):
         left = _carry_split(old, new, left, report)
+    if not any(k in mine for k in _CARRIED):
+        _carry_join(old, new, report)
     for key in left:
         target = theirs.get(key)
         why = (
@@ -288,21 +290,59 @@ def _carry(old: nn.Module, new: nn.Module, options: dict, report: Replacement) -
         report.not_carried.append(f"{key} ({why})")
 
 
-def _carry_split(old: nn.Module, new: nn.Module, keys: list[str], report: Replacement) -> list[str]:
-    """A composite target whose child norms split the channels in order (IBN-a: IN on the
-    first channels, BN on the rest) takes the matching slice of each of `keys`."""
-    children = list(new.named_children())
-    sizes = []
-    for child_name, child in children:
+def _parts(module: nn.Module, total: int) -> list[tuple[str, nn.Module, int]] | None:
+    """The child norms of a composite layer that split its `total` channels in order
+    (IBN-a: IN on the first channels, BN on the rest), with their sizes; else None."""
+    parts = []
+    for child_name, child in module.named_children():
         if not is_norm(child):
-            return keys
+            return None
         try:
-            sizes.append(_features(child_name, child)[0])
+            parts.append((child_name, child, _features(child_name, child)[0]))
         except ValueError:
-            return keys
+            return None
+    return parts if parts and sum(size for *_, size in parts) == total else None
+
+
+def _carry_join(old: nn.Module, new: nn.Module, report: Replacement) -> None:
+    """A composite source (IBN-a) gives a plain target the concatenation of its parts."""
+    theirs, total = _tensors(new), _features("", old)[0]  # the new layer has old's channels
+    parts = _parts(old, total)
+    if parts is None:
+        return
+    for key in _CARRIED:
+        pieces = [_tensors(child).get(key) for _, child, _ in parts]
+        target = theirs.get(key)
+        lacking = [
+            n
+            for (n, _, size), p in zip(parts, pieces, strict=True)
+            if p is None or p.shape != (size,)
+        ]
+        if target is not None and target.dim() == 0:  # a counter: the part that keeps one
+            source = next(
+                ((n, p) for (n, *_), p in zip(parts, pieces, strict=True) if p is not None), None
+            )
+            if source is not None:
+                _copy(source[1], target)
+                report.carried.append(f"{source[0]}.{key}->{key}")
+            continue
+        if target is None or target.shape != (total,):
+            continue
+        if lacking:
+            report.not_carried.append(f"{key} ({', '.join(lacking)} has none)")
+            continue
+        _copy(torch.cat(pieces), target)
+        report.carried.append(f"{'+'.join(f'{n}.{key}' for n, *_ in parts)}->{key}")
+
+
+def _carry_split(old: nn.Module, new: nn.Module, keys: list[str], report: Replacement) -> list[str]:
+    """A composite target whose child norms split the channels takes each part's slice."""
     total = _features("", old)[0]
-    if not children or sum(sizes) != total:
+    parts = _parts(new, total)
+    if parts is None:
         return keys
+    children = [(n, c) for n, c, _ in parts]
+    sizes = [size for *_, size in parts]
     mine, left = _tensors(old), []
     for key in keys:
         if mine[key].dim() != 1 or mine[key].numel() != total:
