@@ -8,8 +8,12 @@ Example:
     >>> y = normlab.normalize(torch.randn(8, 64, 4, 4), "n (g k) h w -> n g", g=32)
 """
 
+from normlab import conventions
+from normlab.convert import ConversionReport, convert
 from normlab.errors import PatternError
 from normlab.explain import Explanation, explain
+from normlab.fold import fold
+from normlab.freeze import FrozenBatchNorm, freeze, unfreeze, update_stats
 from normlab.layers import (
     IBN,
     BatchInstanceNorm,
@@ -40,6 +44,7 @@ from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
 from normlab.pattern import parse_pattern, plan
 from normlab.registry import available_norms, create_norm, register
+from normlab.sync import SyncBatchNorm, revert_sync_batchnorm, synchronized_moments
 
 __version__ = "0.1.0"
 
@@ -69,6 +74,17 @@ __all__ = [
     "FilterResponseNorm",
     "NormAct",
     "norm_act",
+    "SyncBatchNorm",
+    "FrozenBatchNorm",
+    "ConversionReport",
+    "conventions",
+    "convert",
+    "fold",
+    "freeze",
+    "unfreeze",
+    "update_stats",
+    "revert_sync_batchnorm",
+    "synchronized_moments",
     "Moments",
     "PatternError",
     "available_norms",

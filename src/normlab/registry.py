@@ -137,3 +137,21 @@ for _norm in ("bn", "gn"):
             f"{_REGISTRY[_norm].summary}, then {_act} (state_dict as the plain norm's)",
         )
 del _norm, _act
+
+
+def _sync_batch_norm(channels: int, **options: object) -> nn.Module:
+    from normlab.sync import SyncBatchNorm
+
+    return SyncBatchNorm(channels, **options)
+
+
+def _frozen_batch_norm(channels: int, **options: object) -> nn.Module:
+    from normlab.freeze import FrozenBatchNorm
+
+    return FrozenBatchNorm(channels, **options)
+
+
+register(
+    "syncbn", _sync_batch_norm, "batch norm synchronized over the processes of a distributed group"
+)
+register("frozenbn", _frozen_batch_norm, "frozen batch norm: fixed statistics and affine (buffers)")
