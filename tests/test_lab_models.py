@@ -163,3 +163,24 @@ def test_shifts_follow_their_formulas():
     for shift in SHIFTS.values():
         y = shift(torch.rand(2, 3, 4, 4))
         assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_ddp_ready_swaps_sync_batch_norm_on_cpu_keeping_its_state():
+    torch.manual_seed(0)
+    net = build_model("cnn", "syncbn", image_shape=(1, 16, 16), num_classes=10)
+    x = torch.rand(8, 1, 16, 16)
+    net.train()(x)  # one step of running statistics to carry over
+    before = net.eval()(x)
+    models.ddp_ready(net, torch.device("cpu"))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
+    assert sum(1 for m in net.modules() if hasattr(m, "running_mean")) == 5
+    assert torch.allclose(net(x), before, atol=1e-6)
+
+
+def test_ibn_a_is_ibn_net_placement_on_the_resnet():
+    net = build_model("resnet", "ibn-a", image_shape=(3, 16, 16), num_classes=10)
+    ibn = {name for name, m in net.named_modules() if isinstance(m, normlab.IBN)}
+    assert ibn == {"layer1.0.bn1", "layer2.0.bn1", "layer3.0.bn1"}  # not the stem, not layer4
+    assert net(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="rnn"):
+        build_model("rnn", "ibn-a", image_shape=(1, 16, 16), num_classes=10)

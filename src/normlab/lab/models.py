@@ -70,6 +70,27 @@ class _SyncBatchNormPlaceholder(nn.BatchNorm1d):
         return y * self.weight.view(shape) + self.bias.view(shape)
 
 
+def ddp_ready(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make `model` acceptable to DistributedDataParallel on `device`.
+
+    DDP refuses every torch.nn.SyncBatchNorm (subclasses included, so normlab's too)
+    on CPU, although the layer itself works there over gloo. On CPU each such layer is
+    replaced, with its state, by the placeholder above, which DDP does not recognize.
+    """
+    if device.type != "cpu":
+        return model
+    for name, child in model.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            swap = _SyncBatchNormPlaceholder(
+                child.num_features, eps=child.eps, momentum=child.momentum
+            ).to(child.weight.device)
+            swap.load_state_dict(child.state_dict())
+            setattr(model, name, swap.train(child.training))
+        else:
+            ddp_ready(child, device)
+    return model
+
+
 def sync_batch_norm(channels: int) -> nn.Module:
     """Batch norm synchronized across processes: normlab's where it exists, else a placeholder."""
     if "syncbn" in _available():
@@ -278,5 +299,5 @@ def build_model(
         convert = getattr(normlab, "convert", None)
         if convert is None:
             raise ValueError(f"norm {norm!r} needs normlab.convert, which this install lacks")
-        net = convert(net, to=norm)
+        net, _ = convert(net, to=norm)
     return net
