@@ -388,13 +388,15 @@ def _replace(
 
     def visit(name: str, module: nn.Module) -> nn.Module:
         if is_norm(module):
-            if not select(name, module):
+            if select(name, module):
+                if id(module) not in done:
+                    new, entry = build(name, module)
+                    done[id(module)] = new
+                    report.replaced.append(entry)
+                return done[id(module)]
+            if not any(is_norm(child) for child in module.children()):
                 return module  # a norm is one unit: never look inside it
-            if id(module) not in done:
-                new, entry = build(name, module)
-                done[id(module)] = new
-                report.replaced.append(entry)
-            return done[id(module)]
+            # a composite norm (IBN-a) not chosen whole: its parts may be (its BN half)
         # _modules, not named_children(): a layer used twice is visited (and swapped) twice
         for child_name, child in list(module._modules.items()):
             if child is None:

@@ -11,6 +11,11 @@ Any layer that computes :class:`~normlab.moments.Moments` can be synchronized th
 way: compute local moments with autograd (:func:`local_moments`),
 pass them through ``synchronized_moments(m, process_group)``, then normalize with the
 result (``normalize_with``). That is all :class:`SyncBatchNorm` does.
+
+The hybrid layers (BatchInstanceNorm, SwitchableNorm, BatchRenorm; IBN through its BN
+half) take ``sync=True, process_group=None`` and synchronize their batch part with the
+helpers at the end of this module: :func:`synchronizing` (sync asked, training, more
+than one process), :func:`group_moments` and :func:`normalize_synchronized`.
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         torch.Size([8, 16, 5, 5])
     """
 
+    sync = True  # always; the hybrid layers take it as an option (see `synchronizing`)
+
     def __init__(
         self,
         num_features: int,
@@ -154,23 +161,13 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As torch: synchronize only in training with batch statistics; eval uses the
         # running estimates (or, without them, this process's batch).
-        if not (self.training and world_size(self.process_group) > 1):
+        if not synchronizing(self):
             return super().forward(x)
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
-        p = plan(self.pattern(), x.shape)
-        whole = synchronized_moments(local_moments(x, p), self.process_group)
-        if int(whole.count.flatten()[0]) <= 1:  # the same on every process: all raise
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 value per channel over all processes "
-                f"when training, got {int(whole.count.flatten()[0])} (local input shape {tuple(x.shape)})"
-            )
         weight = channel_view(self.weight, x.dim(), axis)
         bias = channel_view(self.bias, x.dim(), axis)
-        y = normalize_with(x, p, whole.mean, whole.var, weight, bias, self.eps)
-        if self.track_running_stats:
-            self._update_running(whole.mean.detach(), whole.unbiased_var().detach())
-        return y
+        return normalize_synchronized(self, x, plan(self.pattern(), x.shape), weight, bias)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: object = None) -> nn.Module:
@@ -178,14 +175,20 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
 
         Unlike torch's, a subclass with an activation inside (timm's BatchNormAct2d) keeps
         it, and one whose behaviour cannot be kept raises instead of losing it silently.
+        Layers with a ``sync`` option (Batch Renorm, Batch-Instance and Switchable norm)
+        are switched to ``sync=True`` instead of replaced; IBN's ``BN`` half is converted.
 
         Example:
             >>> net = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))
         """
         from normlab.convert import convert_all, is_batch_norm
 
+        switched = _switch_sync(module, True, process_group)
         return convert_all(
-            module, cls, where=lambda name, m: is_batch_norm(m), process_group=process_group
+            module,
+            cls,
+            where=lambda name, m: is_batch_norm(m) and id(m) not in switched,
+            process_group=process_group,
         )
 
 
@@ -197,4 +200,88 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """
     from normlab.convert import convert_all
 
+    _switch_sync(module, False, None)
     return convert_all(module, "bn", where=lambda name, m: isinstance(m, nn.SyncBatchNorm))
+
+
+def _switch_sync(module: nn.Module, sync: bool, group: object) -> set[int]:
+    """Set ``sync``/``process_group`` on the layers that have them as options (the
+    hybrids): they keep their behaviour, which a plain (Sync)BatchNorm would lose."""
+    from normlab.layers import BatchInstanceNorm, BatchRenorm, SwitchableNorm
+
+    if not isinstance(module, nn.Module):
+        return set()  # convert_all says what was expected
+    hybrids = [
+        m
+        for m in module.modules()
+        if isinstance(m, BatchInstanceNorm | BatchRenorm)
+        or (isinstance(m, SwitchableNorm) and m.using_bn)
+    ]
+    for m in hybrids:
+        m.sync, m.process_group = sync, group
+    return {id(m) for m in hybrids}
+
+
+# --------------------------------------------------------------------------- hybrid layers
+
+
+def check_sync(sync: object, process_group: object, who: str) -> bool:
+    """A layer's ``sync`` option: a bool, and True whenever a `process_group` is given."""
+    if not isinstance(sync, bool):
+        raise TypeError(f"{who}: expected sync a bool, got {sync!r}")
+    if process_group is not None and not sync:
+        raise ValueError(
+            f"{who}: expected sync=True with a process_group (it is only used to "
+            f"synchronize), got sync=False and process_group={process_group!r}"
+        )
+    return sync
+
+
+def synchronizing(layer: nn.Module) -> bool:
+    """Whether `layer` takes its batch statistics over every process of its group now:
+    it is asked to (``layer.sync``), it is training, and the group has several processes.
+
+    Example:
+        >>> synchronizing(SyncBatchNorm(4))  # torch.distributed not initialized
+        False
+    """
+    return layer.sync and layer.training and world_size(layer.process_group) > 1
+
+
+def group_moments(layer: nn.Module, local: Moments, x: torch.Tensor) -> Moments:
+    """`local` (this process's batch moments, with autograd) combined over the processes
+    of ``layer.process_group``; every set must hold more than one value in all.
+
+    Example:
+        >>> whole = group_moments(self, local_moments(x, p), x)  # doctest: +SKIP
+    """
+    whole = synchronized_moments(local, layer.process_group)
+    count = int(whole.count.flatten()[0])
+    if count <= 1:  # the same on every process: all raise
+        raise ValueError(
+            f"{describe(layer)}: expected more than 1 value per channel over all processes "
+            f"when training, got {count} (local input shape {tuple(x.shape)})"
+        )
+    return whole
+
+
+def normalize_synchronized(
+    layer: nn.Module,
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Batch norm of `x` over `p`'s sets with the statistics of every process of the
+    layer's group; the layer's running buffers follow them (unbiased with the global count).
+
+    `weight`/`bias` already broadcast against `x`.
+
+    Example:
+        >>> y = normalize_synchronized(self, x, p, None, None)  # doctest: +SKIP
+    """
+    whole = group_moments(layer, local_moments(x, p), x)
+    y = normalize_with(x, p, whole.mean, whole.var, weight, bias, layer.eps)
+    if layer.track_running_stats:
+        layer._update_running(whole.mean.detach(), whole.unbiased_var().detach())
+    return y

@@ -3,7 +3,9 @@
     y = (ρ·x̂_BN + (1 − ρ)·x̂_IN)·γ + β,   ρ ∈ [0, 1] per channel (``gate``, init 1)
 
 x̂_BN uses the batch's statistics in training and the running estimates in eval
-(``n c ... -> c``); x̂_IN always uses the instance's own (``n c ... -> n c``). ρ is
+(``n c ... -> c``); x̂_IN always uses the instance's own (``n c ... -> n c``).
+With ``sync=True`` the batch statistics in training are those of every process of
+``process_group`` (None: the default group); x̂_IN stays per sample. ρ is
 clamped inside forward, so a gate that an optimizer step pushed outside [0, 1] behaves
 as the clamped value (its gradient is then zero; :func:`clamp_gates_` projects the
 parameters back, as the official release does after every step). The release trains
@@ -19,6 +21,7 @@ from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.tracked import TrackedNorm
 from normlab.normalize import normalize_batch
 from normlab.pattern import plan
+from normlab.sync import normalize_synchronized, synchronizing
 
 
 class BatchInstanceNorm(TrackedNorm):
@@ -46,6 +49,8 @@ class BatchInstanceNorm(TrackedNorm):
         dtype: torch.dtype | None = None,
         *,
         channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
     ) -> None:
         super().__init__(
             num_features,
@@ -56,6 +61,8 @@ class BatchInstanceNorm(TrackedNorm):
             device,
             dtype,
             channel_axis=channel_axis,
+            sync=sync,
+            process_group=process_group,
         )
         self.gate = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
 
@@ -80,7 +87,10 @@ class BatchInstanceNorm(TrackedNorm):
                 f"{describe(self)}: expected more than 1 spatial element when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        x_bn = self._forward_tracked(x, bp, bp, None, None)
+        if synchronizing(self):
+            x_bn = normalize_synchronized(self, x, bp, None, None)
+        else:
+            x_bn = self._forward_tracked(x, bp, bp, None, None)
         x_in = normalize_batch(x, ip, None, None, self.eps)[0]
         rho = channel_view(self.gate.clamp(0, 1), x.dim(), axis)
         y = x_in + rho * (x_bn - x_in)

@@ -5,6 +5,8 @@ instance norm (no running statistics) and the remaining channels with batch norm
 submodules are named ``IN`` and ``BN`` so checkpoints of the official release load
 (``IN.weight``, ``BN.running_mean``, ...). The channels are split by explicit sizes,
 so odd ``planes`` and any ratio in (0, 1) work (the release's chunked split does not).
+With ``sync=True`` the ``BN`` half is a :class:`~normlab.SyncBatchNorm` over
+``process_group`` (None: the default group); the IN half is per sample.
 
 IBN-b (:class:`IBNb`) is an affine instance norm over all channels placed *after* a
 residual addition and before the block's final ReLU; ``IBNb(c)(out, identity)`` adds
@@ -20,6 +22,7 @@ from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import check_channel_axis, check_input, describe
 from normlab.layers.instancenorm import InstanceNorm
 from normlab.layers.tracked import check_positive_int
+from normlab.sync import SyncBatchNorm, check_sync
 
 
 def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
@@ -55,13 +58,19 @@ class IBN(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
     ) -> None:
         super().__init__()
         self.half, rest = ibn_split(planes, ratio)
         self.planes, self.ratio = planes, ratio
         self.channel_axis = check_channel_axis(channel_axis)
         self.IN = InstanceNorm(self.half, eps=eps, affine=True, channel_axis=channel_axis)
-        self.BN = BatchNorm(rest, eps=eps, momentum=momentum, channel_axis=channel_axis)
+        options = {"eps": eps, "momentum": momentum, "channel_axis": channel_axis}
+        if check_sync(sync, process_group, "IBN"):
+            self.BN = SyncBatchNorm(rest, process_group=process_group, **options)
+        else:
+            self.BN = BatchNorm(rest, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
@@ -74,9 +83,15 @@ class IBN(nn.Module):
         first, rest = torch.split(x, [self.half, self.planes - self.half], dim=axis)
         return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
 
+    @property
+    def sync(self) -> bool:
+        """Whether the BN half is synchronized (also after ``convert_sync_batchnorm``)."""
+        return isinstance(self.BN, nn.SyncBatchNorm)
+
     def extra_repr(self) -> str:
         text = f"{self.planes}, ratio={self.ratio}"
-        return text + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+        text += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return text + (", sync=True" if self.sync else "")
 
 
 class IBNb(InstanceNorm):

@@ -13,6 +13,10 @@ variance, ``num_batches_tracked``), so BN checkpoints load both ways and tools t
 fold or convert batch norm apply; σ is √(running_var + ε). The paper averages σ
 itself; averaging σ² instead differs by a second-order term and keeps the exact
 equivalence to batch norm.
+
+With ``sync=True`` the batch moments μ_B, σ_B in training are those of every process
+of ``process_group`` (None: the default group), so r, d and the running update are
+the same on every process.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from normlab.layers.tracked import check_eps_momentum
 from normlab.moments import batch_stats, from_stats
 from normlab.normalize import normalize_with
 from normlab.pattern import plan
+from normlab.sync import check_sync, group_moments, local_moments, synchronizing
 
 Limit = float | Callable[[int], float] | str
 
@@ -98,8 +103,11 @@ class BatchRenorm(BatchNorm):
         dmax: Limit = "paper",
         bias: bool = True,
         channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
     ) -> None:
         check_eps_momentum(eps, momentum, "BatchRenorm")
+        sync = check_sync(sync, process_group, "BatchRenorm")
         limits = _limit(rmax, "rmax", 1.0), _limit(dmax, "dmax", 0.0)
         super().__init__(
             num_features,
@@ -113,6 +121,7 @@ class BatchRenorm(BatchNorm):
             channel_axis=channel_axis,
         )
         self.rmax, self.dmax = limits
+        self.sync, self.process_group = sync, process_group
 
     def limits(self) -> tuple[float, float]:
         """(rmax, dmax) for the next training batch."""
@@ -131,12 +140,15 @@ class BatchRenorm(BatchNorm):
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
         p = plan(self.pattern(), x.shape)
-        if p.set_size <= 1:
+        if synchronizing(self):
+            batch = group_moments(self, local_moments(x, p), x)
+        elif p.set_size <= 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 value per channel when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        batch = from_stats(*batch_stats(x, p), p)
+        else:
+            batch = from_stats(*batch_stats(x, p), p)
         rmax, dmax = self.limits()
         with torch.no_grad():
             sigma = torch.sqrt(self.running_var.to(batch.var.dtype) + self.eps)
@@ -160,4 +172,5 @@ class BatchRenorm(BatchNorm):
         return y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", rmax={self.rmax!r}, dmax={self.dmax!r}"
+        text = super().extra_repr() + f", rmax={self.rmax!r}, dmax={self.dmax!r}"
+        return text + (", sync=True" if self.sync else "")

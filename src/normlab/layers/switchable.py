@@ -11,6 +11,11 @@ variance everywhere, as the official release does (so its weights behave the sam
 ``variance="paper"`` uses the biased one, which makes each term the exact IN, LN
 and BN statistic.
 
+With ``sync=True`` (and ``using_bn``) the BN moments in training are those of every
+process of ``process_group`` (None: the default group): the per-process BN moments,
+reduced from the instance moments, combine exactly with the same formula. The IN and
+LN moments are per sample and stay local.
+
 Running statistics follow torch's convention (``momentum`` is the weight of the new
 batch, 0.1; ``None`` is a cumulative average). The release weighs the *old* value
 (0.9), starts its buffers at zero and has no ``num_batches_tracked``:
@@ -30,6 +35,7 @@ from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, batch_stats, from_stats
 from normlab.normalize import normalize_with
 from normlab.pattern import plan
+from normlab.sync import group_moments, synchronizing
 
 VARIANCES = ("release", "paper")
 
@@ -61,9 +67,16 @@ class SwitchableNorm(TrackedNorm):
         *,
         variance: str = "release",
         channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
     ) -> None:
         if variance not in VARIANCES:
             raise ValueError(f"SwitchableNorm: expected variance in {VARIANCES}, got {variance!r}")
+        if sync is True and not using_bn:
+            raise ValueError(
+                "SwitchableNorm: sync=True synchronizes the BN term; expected using_bn=True, "
+                "got using_bn=False"
+            )
         super().__init__(
             num_features,
             eps,
@@ -73,6 +86,8 @@ class SwitchableNorm(TrackedNorm):
             device,
             dtype,
             channel_axis=channel_axis,
+            sync=sync,
+            process_group=process_group,
         )
         self.using_bn, self.last_gamma, self.variance = bool(using_bn), bool(last_gamma), variance
         terms = 3 if self.using_bn else 2
@@ -117,6 +132,8 @@ class SwitchableNorm(TrackedNorm):
         variances = [inst.var, layer.var[:, None]]
         if self.using_bn:
             if self.training:
+                if synchronizing(self):
+                    batch = group_moments(self, batch, x)
                 self._track(batch)
                 bn_mean, bn_var = batch.mean, batch.var
             else:
@@ -146,7 +163,8 @@ class SwitchableNorm(TrackedNorm):
             text += ", last_gamma=True"
         if self.variance != "release":
             text += f", variance={self.variance!r}"
-        return text + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+        text += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return text + (", sync=True" if self.sync else "")
 
 
 def release_momentum(momentum: float) -> float:

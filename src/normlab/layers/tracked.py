@@ -3,7 +3,8 @@
 Batch-Instance and Switchable norm keep the same state as batch norm (``weight``,
 ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``) without being
 batch norms, so they do not subclass ``_BatchNorm`` (tools that fold or freeze batch
-norm must not mistake them for one). Updates follow :class:`RunningStatsMixin`.
+norm must not mistake them for one). Updates follow :class:`RunningStatsMixin`; with
+``sync=True`` their batch part is synchronized over ``process_group`` (:mod:`normlab.sync`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from normlab.layers.checks import check_channel_axis
 from normlab.layers.running import RunningStatsMixin
+from normlab.sync import check_sync
 
 
 def check_positive_int(value: object, who: str, name: str = "num_features") -> int:
@@ -46,10 +48,13 @@ class TrackedNorm(RunningStatsMixin, nn.Module):
         dtype: torch.dtype | None = None,
         *,
         channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
         self.num_features = check_positive_int(num_features, who)
+        self.sync, self.process_group = check_sync(sync, process_group, who), process_group
         check_eps_momentum(eps, momentum, who)
         self.eps, self.momentum = float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
@@ -81,4 +86,5 @@ class TrackedNorm(RunningStatsMixin, nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
-        return text + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+        text += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return text + (", sync=True" if self.sync else "")
