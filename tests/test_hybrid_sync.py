@@ -18,7 +18,7 @@ import normlab
 from normlab import IBN, BatchInstanceNorm, BatchRenorm, SwitchableNorm, SyncBatchNorm
 from normlab.convert import is_batch_norm
 from normlab.layers.batchnorm import BatchNorm
-from normlab.sync import revert_sync_batchnorm
+from normlab.sync import SYNC_BATCH_NORMS, revert_sync_batchnorm
 
 C = 3
 WORLD = 2
@@ -255,7 +255,7 @@ def test_convert_sync_batchnorm_reaches_the_bn_half_of_ibn():
     net.load_state_dict(state)  # the step above moved the running statistics: start again
     torch.testing.assert_close(synced(x), expected)
     back = revert_sync_batchnorm(synced)
-    assert not back[1].sync and not any(isinstance(m, nn.SyncBatchNorm) for m in back.modules())
+    assert not back[1].sync and not any(isinstance(m, SYNC_BATCH_NORMS) for m in back.modules())
 
 
 def test_convert_to_syncbn_where_batch_norm_keeps_ibn():

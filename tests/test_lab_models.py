@@ -9,7 +9,7 @@ from torch import nn
 
 import normlab
 from normlab.lab import models
-from normlab.lab.models import PlainCNN, RowRNN, SmallResNet, build_model, sync_batch_norm
+from normlab.lab.models import PlainCNN, RowRNN, SmallResNet, build_model, norm_layer
 from normlab.lab.shifts import SHIFTS, brightness, contrast, gamma, invert, noise
 
 NORMS = ["bn", "gn", "in", "ln", "none"]
@@ -130,7 +130,7 @@ def test_rnn_reads_rows_in_order():
 
 def test_sync_batch_norm_alone_is_batch_norm():
     torch.manual_seed(0)
-    sync, reference = sync_batch_norm(5), nn.BatchNorm2d(5)
+    sync, reference = norm_layer("syncbn", 5), nn.BatchNorm2d(5)
     x = torch.randn(4, 5, 3, 3) * 3 + 1
     assert torch.allclose(sync(x), reference(x), atol=1e-5)
     assert torch.allclose(sync.running_var, reference.running_var, atol=1e-5)
@@ -165,18 +165,6 @@ def test_shifts_follow_their_formulas():
         assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
 
 
-def test_ddp_ready_swaps_sync_batch_norm_on_cpu_keeping_its_state():
-    torch.manual_seed(0)
-    net = build_model("cnn", "syncbn", image_shape=(1, 16, 16), num_classes=10)
-    x = torch.rand(8, 1, 16, 16)
-    net.train()(x)  # one step of running statistics to carry over
-    before = net.eval()(x)
-    models.ddp_ready(net, torch.device("cpu"))
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
-    assert sum(1 for m in net.modules() if hasattr(m, "running_mean")) == 5
-    assert torch.allclose(net(x), before, atol=1e-6)
-
-
 def test_ibn_a_is_ibn_net_placement_on_the_resnet():
     net = build_model("resnet", "ibn-a", image_shape=(3, 16, 16), num_classes=10)
     ibn = {name for name, m in net.named_modules() if isinstance(m, normlab.IBN)}
@@ -184,3 +172,12 @@ def test_ibn_a_is_ibn_net_placement_on_the_resnet():
     assert net(torch.rand(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="rnn"):
         build_model("rnn", "ibn-a", image_shape=(1, 16, 16), num_classes=10)
+
+
+def test_ibn_b_traces_through_normlab_layers():
+    # The blocks hold normlab norms, whose forwards read shapes: tracing must keep them whole.
+    net = build_model("resnet", "ibn-b", image_shape=(3, 16, 16), num_classes=10)
+    names = {name for name, m in net.named_modules()}
+    assert {"layer1.0.IN", "layer2.0.IN"} <= names and "layer3.0.IN" not in names
+    assert isinstance(net.bn1, normlab.InstanceNorm) and net.bn1.affine
+    assert net(torch.rand(2, 3, 16, 16)).shape == (2, 10)

@@ -35,6 +35,7 @@ from normlab.layers.ibn import IBNb
 from normlab.layers.norm_act import NormAct
 from normlab.layers.running import RunningStatsMixin
 from normlab.registry import create_norm
+from normlab.tracing import trace
 
 Where = Callable[[str, nn.Module], bool] | str | None
 
@@ -537,7 +538,7 @@ def _instance_after_add(
     if not is_norm(last):
         raise ValueError(f"{where_wrong}; got {type(block).__name__} without one")
     try:
-        gm = fx.symbolic_trace(block)
+        gm = trace(block)
     except Exception as error:  # any tracing failure means the recipe cannot see the block
         raise ValueError(f"{where_wrong}; it could not be traced: {error}") from error
     output = next(n for n in gm.graph.nodes if n.op == "output")

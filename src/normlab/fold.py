@@ -33,6 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from normlab.convert import _trusted, is_norm
 from normlab.freeze import FrozenBatchNorm
 from normlab.layers.norm_act import NormAct
+from normlab.tracing import NormTracer
 
 _LAYERS = (_ConvNd, nn.Linear)
 
@@ -155,14 +156,13 @@ def _try_fold(norm: nn.Module, after: nn.Module | None, before: nn.Module | None
     return False
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(NormTracer):
     """Norms, convs and linears (and every normlab layer) stay single calls in the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, NormAct):
             return False  # look inside: its norm may fold into the layer before
-        keep = isinstance(m, _LAYERS) or is_norm(m) or type(m).__module__.startswith("normlab.")
-        return keep or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LAYERS) or is_norm(m) or super().is_leaf_module(m, qualname)
 
 
 def _single_call_module(node: object, module: nn.Module, calls: Counter) -> nn.Module | None:

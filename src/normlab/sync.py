@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.layers.batchnorm import _BatchNormForward, _init
 from normlab.layers.checks import channel_view, check_input, describe
@@ -109,11 +110,13 @@ def local_moments(x: torch.Tensor, p: Plan) -> Moments:
     return from_stats(mean, var, p)
 
 
-class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """Drop-in ``torch.nn.SyncBatchNorm``: batch norm over every process of a group.
 
     Exact with uneven and empty per-process batches, on gloo (CPU) and NCCL; plain batch
-    norm when torch.distributed is not initialized or the group has one process. Running
+    norm when torch.distributed is not initialized or the group has one process. It is
+    deliberately not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
+    refuses every such subclass on CPU, although this layer works there over gloo. Running
     variance is the unbiased variance of the whole batch. Any input rank (N, C, ...).
 
     Example:
@@ -201,7 +204,10 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     from normlab.convert import convert_all
 
     _switch_sync(module, False, None)
-    return convert_all(module, "bn", where=lambda name, m: isinstance(m, nn.SyncBatchNorm))
+    return convert_all(module, "bn", where=lambda name, m: isinstance(m, SYNC_BATCH_NORMS))
+
+
+SYNC_BATCH_NORMS = (nn.SyncBatchNorm, SyncBatchNorm)
 
 
 def _switch_sync(module: nn.Module, sync: bool, group: object) -> set[int]:

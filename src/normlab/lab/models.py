@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import normlab
@@ -22,91 +21,8 @@ CONVERTED_NORMS = ("ibn-a", "ibn-b")
 MODELS = ("cnn", "resnet", "rnn")
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of a sum over processes is the sum of gradients."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class _SyncBatchNormPlaceholder(nn.BatchNorm1d):
-    """Batch norm whose statistics are summed over all processes (any device, gloo too).
-
-    Stands in for `normlab.SyncBatchNorm` where that is missing. Sum and sum of squared
-    deviations go through the differentiable all_reduce, so the gradient is exact.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"syncbn: expected input of rank >= 2, got shape {tuple(input.shape)}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        all_reduce = _AllReduceSum.apply
-        dims = [0, *range(2, x.dim())]
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
-        count = all_reduce(count)
-        mean = all_reduce(x.sum(dims)) / count.to(x.dtype)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        centred = x - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dims)) / count.to(x.dtype)
-        with torch.no_grad():
-            n = float(count)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / max(n - 1.0, 1.0), self.momentum)
-            self.num_batches_tracked.add_(1)
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-
-def ddp_ready(model: nn.Module, device: torch.device) -> nn.Module:
-    """Make `model` acceptable to DistributedDataParallel on `device`.
-
-    DDP refuses every torch.nn.SyncBatchNorm (subclasses included, so normlab's too)
-    on CPU, although the layer itself works there over gloo. On CPU each such layer is
-    replaced, with its state, by the placeholder above, which DDP does not recognize.
-    """
-    if device.type != "cpu":
-        return model
-    for name, child in model.named_children():
-        if isinstance(child, nn.SyncBatchNorm):
-            swap = _SyncBatchNormPlaceholder(
-                child.num_features, eps=child.eps, momentum=child.momentum
-            ).to(child.weight.device)
-            swap.load_state_dict(child.state_dict())
-            setattr(model, name, swap.train(child.training))
-        else:
-            ddp_ready(child, device)
-    return model
-
-
-def sync_batch_norm(channels: int) -> nn.Module:
-    """Batch norm synchronized across processes: normlab's where it exists, else a placeholder."""
-    if "syncbn" in _available():
-        return normlab.create_norm("syncbn", channels)
-    return _SyncBatchNormPlaceholder(channels)
-
-
-def _available() -> list[str]:
-    names = getattr(normlab, "available_norms", None)
-    return list(names()) if names else []
-
-
 def norm_layer(name: str, channels: int) -> nn.Module:
     """One norm layer for `channels` channels from the registry ("none" is the identity)."""
-    if name == "syncbn":
-        return sync_batch_norm(channels)
     return normlab.create_norm(name, channels)
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.lab.data import ImageData
-from normlab.lab.models import build_model, ddp_ready
+from normlab.lab.models import build_model
 from normlab.lab.shifts import SHIFTS
 
 REFERENCE_BATCH = 32  # the batch size at which lr == base_lr
@@ -149,7 +149,7 @@ def _train(config: RunConfig, data: ImageData, device: torch.device, progress: o
     ).to(device)
     net: nn.Module = model
     if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(ddp_ready(model, device))
+        net = nn.parallel.DistributedDataParallel(model)
     lr = config.base_lr * batch / REFERENCE_BATCH
     optimizer = torch.optim.SGD(
         model.parameters(),

@@ -22,7 +22,7 @@ from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import check_channel_axis, check_input, describe
 from normlab.layers.instancenorm import InstanceNorm
 from normlab.layers.tracked import check_positive_int
-from normlab.sync import SyncBatchNorm, check_sync
+from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync
 
 
 def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
@@ -86,7 +86,7 @@ class IBN(nn.Module):
     @property
     def sync(self) -> bool:
         """Whether the BN half is synchronized (also after ``convert_sync_batchnorm``)."""
-        return isinstance(self.BN, nn.SyncBatchNorm)
+        return isinstance(self.BN, SYNC_BATCH_NORMS)
 
     def extra_repr(self) -> str:
         text = f"{self.planes}, ratio={self.ratio}"
