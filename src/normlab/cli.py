@@ -28,9 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            add_arguments = importlib.import_module(module).add_arguments
+        except ModuleNotFoundError as error:
+            # A subcommand whose module is not part of this build is left out, not fatal.
+            if error.name is None or not module.startswith(error.name):
+                raise
+            continue
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(sub)
+        add_arguments(sub)
     return parser
 
 

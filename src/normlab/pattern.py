@@ -45,7 +45,7 @@ class Pattern:
 
 
 def _split_side(side: str, text: str) -> list[str]:
-    tokens, pos = [], 0
+    tokens, pos, side = [], 0, side.strip()
     while pos < len(side):
         match = _TOKEN.match(side, pos)
         if match is None or match.end() == pos:

@@ -1,0 +1,266 @@
+"""What a sweep leaves in its folder: results.json, results.csv, summary.md and figures.
+
+Numbers over seeds are given as mean ± standard deviation (sample std, n − 1). A
+difference between two norms counts as resolved only when it exceeds the sum of their
+standard deviations; smaller ones are marked "≈" (within the seed-to-seed spread).
+
+Example:
+    >>> paths = write_outputs(records, "out", experiments=["batch-size"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from normlab.lab.shifts import SHIFT_LABELS, SHIFTS
+from normlab.lab.sweep import reference_batch
+
+SCALAR_FIELDS = (
+    "norm",
+    "batch_size",
+    "seed",
+    "accuracy",
+    "error",
+    "epochs",
+    "model",
+    "data",
+    "lr",
+    "per_process_batch",
+    "world_size",
+    "steps",
+    "train_images",
+    "test_images",
+    "wall_time",
+    "device",
+)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value: no spread known)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def within_spread(a: list[float], b: list[float]) -> bool:
+    """True when the means of `a` and `b` differ by no more than the sum of their stds."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if sa is None or sb is None:
+        return False
+    return abs(ma - mb) <= sa + sb
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    text = f"{scale * mean:.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
+
+
+def _group(records: list[dict], key: str = "accuracy") -> dict[tuple[str, int], list[float]]:
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in records:
+        groups[(r["norm"], r["batch_size"])].append(r[key])
+    return groups
+
+
+def _norms(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["norm"] for r in records))
+
+
+def batch_size_table(records: list[dict]) -> list[str]:
+    """Markdown: test error (%) per norm (rows) and batch size (columns), best in bold."""
+    errors = _group(records, "error")
+    sizes = sorted({b for _, b in errors})
+    norms = _norms(records)
+    lines = [
+        "| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for norm in norms:
+        cells = []
+        for b in sizes:
+            values = errors.get((norm, b))
+            if not values:
+                cells.append("–")
+                continue
+            column = {n: errors[(n, b)] for n in norms if (n, b) in errors}
+            best = min(column, key=lambda n: statistics.fmean(column[n]))
+            text = _cell(values)
+            if norm == best:
+                text = f"**{text}**"
+            elif within_spread(values, column[best]):
+                text += " ≈"
+            cells.append(text)
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def batch_size_findings(records: list[dict]) -> list[str]:
+    """One sentence per norm: error at the smallest vs the largest batch size."""
+    errors = _group(records, "error")
+    lines = []
+    for norm in _norms(records):
+        sizes = sorted(b for n, b in errors if n == norm)
+        if len(sizes) < 2:
+            continue
+        small, large = errors[(norm, sizes[0])], errors[(norm, sizes[-1])]
+        diff = statistics.fmean(small) - statistics.fmean(large)
+        if len(small) < 2 or len(large) < 2:
+            verdict = "one seed, so no spread to judge it by"
+        elif within_spread(small, large):
+            verdict = "within the seed-to-seed spread: no effect shown"
+        else:
+            verdict = "larger than the seed-to-seed spread"
+        lines.append(
+            f"- {norm}: {100 * statistics.fmean(small):.1f}% error at batch {sizes[0]} vs "
+            f"{100 * statistics.fmean(large):.1f}% at batch {sizes[-1]} "
+            f"({100 * diff:+.1f} points; {verdict})."
+        )
+    return lines
+
+
+def shift_table(records: list[dict]) -> list[str]:
+    """Markdown: accuracy (%) clean and under each shift, one row per norm; ≈ marks
+    differences from batch norm's row within the seed spread."""
+    norms = _norms(records)
+    columns = ["clean", *SHIFTS]
+    values = {(r["norm"], c): [] for r in records for c in columns}
+    for r in records:
+        values[(r["norm"], "clean")].append(r["accuracy"])
+        for name in SHIFTS:
+            values[(r["norm"], name)].append(r["shifted"][name])
+    lines = [
+        "| norm | " + " | ".join(SHIFT_LABELS.get(c, c) for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for norm in norms:
+        cells = []
+        for c in columns:
+            text = _cell(values[(norm, c)])
+            if (
+                norm != "bn"
+                and ("bn", c) in values
+                and within_spread(values[(norm, c)], values[("bn", c)])
+            ):
+                text += " ≈"
+            cells.append(text)
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curves_table(records: list[dict]) -> list[str]:
+    """Markdown: final training loss and test accuracy per norm."""
+    lines = [
+        "| norm | epochs | final train loss | final test accuracy (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for norm in _norms(records):
+        mine = [r for r in records if r["norm"] == norm]
+        loss = _cell([r["train_loss"][-1] for r in mine], scale=1.0, digits=3)
+        lines.append(
+            f"| {norm} | {mine[0]['epochs']} | {loss} | {_cell([r['accuracy'] for r in mine])} |"
+        )
+    return lines
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    """One row per run: the scalar fields, then one `shift_<name>` column per shift."""
+    shift_names = list(SHIFTS)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*SCALAR_FIELDS, *(f"shift_{s}" for s in shift_names)])
+        for r in records:
+            writer.writerow(
+                [r.get(k) for k in SCALAR_FIELDS] + [r["shifted"].get(s) for s in shift_names]
+            )
+
+
+def failed_lines(failed: list[dict]) -> list[str]:
+    """One line per (norm, batch size) that could not train, with the reason."""
+    seen: dict[tuple[str, int], dict] = {}
+    for r in failed:
+        seen.setdefault((r["norm"], r["batch_size"]), r)
+    return [f"- {norm} at batch {b}: {r['failed']}" for (norm, b), r in seen.items()]
+
+
+def write_outputs(
+    records: list[dict],
+    out_dir: str | Path,
+    experiments: list[str],
+    header: str = "",
+    failed: list[dict] | None = None,
+) -> dict[str, Path]:
+    """Write results.json, results.csv, summary.md and the figures; return their paths.
+
+    `records` are finished runs; `failed` runs (a "failed" message, no accuracy) are
+    listed in summary.md only.
+    """
+    from normlab.lab import figures
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "summary": out / "summary.md",
+    }
+    paths["json"].write_text(json.dumps(records, indent=1))
+    write_csv(records, paths["csv"])
+    ref = reference_batch(sorted({r["batch_size"] for r in records}))
+    at_ref = [r for r in records if r["batch_size"] == ref]
+    seeds = len({r["seed"] for r in records})
+    text = [
+        f"# normlab compare{': ' + header if header else ''}",
+        "",
+        f"{len(records)} runs, {seeds} seed(s) each; mean ± std over seeds. "
+        "**Bold**: best in its column; ≈: difference within the seed-to-seed spread "
+        "(no larger than the sum of the two standard deviations).",
+        "",
+    ]
+    if "batch-size" in experiments:
+        paths["batch_size_png"] = figures.batch_size_figure(records, out / "batch-size.png")
+        text += [
+            "## Test error (%) vs batch size",
+            "",
+            "Same epochs for every batch size; learning rate scaled linearly "
+            "(lr = base_lr · batch / 32).",
+            "",
+            *batch_size_table(records),
+            "",
+            *batch_size_findings(records),
+            "",
+            "![error vs batch size](batch-size.png)",
+            "",
+        ]
+    if "shift" in experiments:
+        paths["shift_png"] = figures.shift_figure(at_ref, out / "shift.png")
+        text += [
+            f"## Test accuracy (%) under appearance shifts (batch {ref})",
+            "",
+            "Shifts are applied to test images only; training never sees them. "
+            "≈: within the seed spread of batch norm.",
+            "",
+            *shift_table(at_ref),
+            "",
+            "![accuracy under shifts](shift.png)",
+            "",
+        ]
+    if "curves" in experiments:
+        paths["curves_png"] = figures.curves_figure(at_ref, out / "curves.png")
+        text += [
+            f"## Training curves (batch {ref})",
+            "",
+            *curves_table(at_ref),
+            "",
+            "![training curves](curves.png)",
+            "",
+        ]
+    if failed:
+        text += ["## Runs that could not train", "", *failed_lines(failed), ""]
+    wall = sum(r["wall_time"] for r in records)
+    text += [f"Total training time of these runs: {wall:.0f} s (summed over runs)."]
+    paths["summary"].write_text("\n".join(text) + "\n")
+    return paths

@@ -1,0 +1,154 @@
+"""Batch-Instance normalization (Nam & Kim 2018): a learned per-channel mix of BN and IN.
+
+    y = (ρ·x̂_BN + (1 − ρ)·x̂_IN)·γ + β,   ρ ∈ [0, 1] per channel (``gate``, init 1)
+
+x̂_BN uses the batch's statistics in training and the running estimates in eval
+(``n c ... -> c``); x̂_IN always uses the instance's own (``n c ... -> n c``).
+With ``sync=True`` the batch statistics in training are those of every process of
+``process_group`` (None: the default group); x̂_IN stays per sample. ρ is
+clamped inside forward, so a gate that an optimizer step pushed outside [0, 1] behaves
+as the clamped value (its gradient is then zero; :func:`clamp_gates_` projects the
+parameters back, as the official release does after every step). The release trains
+ρ with 10× the learning rate and no weight decay: see :func:`param_groups`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.layers.checks import channel_view, check_input, describe
+from normlab.layers.tracked import TrackedNorm
+from normlab.normalize import normalize_batch
+from normlab.pattern import plan
+from normlab.sync import normalize_synchronized, synchronizing
+
+
+class BatchInstanceNorm(TrackedNorm):
+    """Batch-Instance norm of any rank ≥ 3; state_dict keys as the official release.
+
+    Keys: ``weight``, ``bias``, ``gate``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``. ``gate`` = 1 is batch norm, 0 is instance norm.
+
+    Example:
+        >>> m = BatchInstanceNorm(16)
+        >>> m(torch.randn(8, 16, 5, 5)).shape
+        torch.Size([8, 16, 5, 5])
+    """
+
+    _one_value = "value per channel"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            channel_axis=channel_axis,
+            sync=sync,
+            process_group=process_group,
+        )
+        self.gate = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+
+    def patterns(self) -> tuple[str, str]:
+        """The (batch, instance) statistics patterns."""
+        if self.channel_axis == 1:
+            return "n c ... -> c", "n c ... -> n c"
+        return "n ... c -> c", "n ... c -> n c"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.channel_axis % max(x.dim(), 1)
+        check_input(self, x, None, self.num_features, axis)
+        if x.dim() < 3:
+            raise ValueError(
+                f"{describe(self)}: expected input of at least 3 dims (N, C, positions...), "
+                f"got shape {tuple(x.shape)}"
+            )
+        batch_pattern, instance_pattern = self.patterns()
+        bp, ip = plan(batch_pattern, x.shape), plan(instance_pattern, x.shape)
+        if self.training and ip.set_size <= 1:
+            raise ValueError(
+                f"{describe(self)}: expected more than 1 spatial element when training, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        if synchronizing(self):
+            x_bn = normalize_synchronized(self, x, bp, None, None)
+        else:
+            x_bn = self._forward_tracked(x, bp, bp, None, None)
+        x_in = normalize_batch(x, ip, None, None, self.eps)[0]
+        rho = channel_view(self.gate.clamp(0, 1), x.dim(), axis)
+        y = x_in + rho * (x_bn - x_in)
+        if self.weight is not None:
+            y = y * channel_view(self.weight, x.dim(), axis) + channel_view(
+                self.bias, x.dim(), axis
+            )
+        return y.to(x.dtype)  # the gate and affine may be wider than a half-precision input
+
+
+@torch.no_grad()
+def clamp_gates_(model: nn.Module) -> nn.Module:
+    """Project every BatchInstanceNorm gate onto [0, 1] in place (call after a step if wanted).
+
+    Example:
+        >>> clamp_gates_(nn.Sequential(BatchInstanceNorm(4)))[0].gate.max() <= 1
+        tensor(True)
+    """
+    for m in model.modules():
+        if isinstance(m, BatchInstanceNorm):
+            m.gate.clamp_(0, 1)
+    return model
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    gate_lr_scale: float = 10.0,
+) -> list[dict]:
+    """Optimizer groups as the release trains BIN: gates at ``gate_lr_scale``·lr, no decay.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchInstanceNorm(8))
+        >>> opt = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=1e-4), lr=0.1)
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.1, 1.0]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups: expected an nn.Module, got {type(model).__name__}")
+    for name, value in (
+        ("lr", lr),
+        ("weight_decay", weight_decay),
+        ("gate_lr_scale", gate_lr_scale),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"param_groups: expected {name} a float >= 0, got {value!r}")
+    gates = {id(m.gate) for m in model.modules() if isinstance(m, BatchInstanceNorm)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {
+            "params": [p for p in params if id(p) not in gates],
+            "lr": lr,
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [p for p in params if id(p) in gates],
+            "lr": lr * gate_lr_scale,
+            "weight_decay": 0.0,
+        },
+    ]

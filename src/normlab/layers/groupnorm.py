@@ -1,0 +1,75 @@
+"""Group normalization: statistics per sample and group of channels over the positions.
+
+Pattern ``n (g k) ... -> n g`` with ``g`` groups (``n ... (g k) -> n g`` channels-last).
+G = 1 is layer norm over C and every position; G = C is instance norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
+from normlab.normalize import normalize_batch
+from normlab.pattern import plan
+
+
+def resolve_groups(num_groups: int | None, num_channels: int, group_size: int | None) -> int:
+    """The number of groups from exactly one of `num_groups` and `group_size`."""
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"GroupNorm: expected num_channels a positive int, got {num_channels!r}")
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            f"GroupNorm: expected exactly one of num_groups and group_size, "
+            f"got num_groups={num_groups!r}, group_size={group_size!r}"
+        )
+    given, name = (num_groups, "num_groups") if group_size is None else (group_size, "group_size")
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1 or num_channels % given:
+        raise ValueError(
+            f"GroupNorm: expected {name} a positive divisor of num_channels={num_channels}, got {given!r}"
+        )
+    return given if group_size is None else num_channels // group_size
+
+
+class GroupNorm(nn.GroupNorm):
+    """Drop-in ``torch.nn.GroupNorm``, also by ``group_size=`` and on channels-last data.
+
+    Example:
+        >>> GroupNorm(32, 64)(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+        >>> GroupNorm(num_channels=64, group_size=16).num_groups
+        4
+    """
+
+    def __init__(
+        self,
+        num_groups: int | None = None,
+        num_channels: int | None = None,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        group_size: int | None = None,
+        channel_axis: int = 1,
+    ) -> None:
+        groups = resolve_groups(num_groups, num_channels, group_size)
+        super().__init__(groups, num_channels, eps, affine, device, dtype)
+        drop_bias(self, bias)
+        self.channel_axis = check_channel_axis(channel_axis)
+
+    def pattern(self) -> str:
+        """The statistics pattern of this layer (any input rank); size ``g`` is `num_groups`."""
+        return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = check_input(self, x, None, self.num_channels, self.channel_axis)
+        p = plan(self.pattern(), x.shape, g=self.num_groups)
+        weight = channel_view(self.weight, x.dim(), axis)
+        bias = channel_view(self.bias, x.dim(), axis)
+        return normalize_batch(x, p, weight, bias, self.eps)[0]
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")

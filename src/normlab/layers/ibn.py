@@ -1,0 +1,141 @@
+"""IBN-Net (Pan et al. 2018): instance norm on some channels, batch norm on the rest.
+
+IBN-a (:class:`IBN`) normalizes the first ``int(planes·ratio)`` channels with an affine
+instance norm (no running statistics) and the remaining channels with batch norm; the
+submodules are named ``IN`` and ``BN`` so checkpoints of the official release load
+(``IN.weight``, ``BN.running_mean``, ...). The channels are split by explicit sizes,
+so odd ``planes`` and any ratio in (0, 1) work (the release's chunked split does not).
+With ``sync=True`` the ``BN`` half is a :class:`~normlab.SyncBatchNorm` over
+``process_group`` (None: the default group); the IN half is per sample.
+
+IBN-b (:class:`IBNb`) is an affine instance norm over all channels placed *after* a
+residual addition and before the block's final ReLU; ``IBNb(c)(out, identity)`` adds
+then normalizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.layers.batchnorm import BatchNorm
+from normlab.layers.checks import check_channel_axis, check_input, describe
+from normlab.layers.instancenorm import InstanceNorm
+from normlab.layers.tracked import check_positive_int
+from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync
+
+
+def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
+    """Channels for (instance norm, batch norm): ``int(planes·ratio)`` and the rest."""
+    planes = check_positive_int(planes, "IBN", "planes")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"IBN: expected ratio in (0, 1), got {ratio!r}")
+    half = int(planes * ratio)
+    if not 0 < half < planes:
+        raise ValueError(
+            f"IBN: planes={planes} with ratio={ratio} gives {half} instance-norm channels; "
+            f"expected between 1 and {planes - 1} (more planes or another ratio)"
+        )
+    return half, planes - half
+
+
+class IBN(nn.Module):
+    """IBN-a layer: ``IN`` (affine instance norm) on the first channels, ``BN`` on the rest.
+
+    Example:
+        >>> m = IBN(64)  # 32 channels of instance norm, 32 of batch norm
+        >>> m(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64, 7, 7])
+        >>> sorted(m.state_dict())[:2]
+        ['BN.bias', 'BN.num_batches_tracked']
+    """
+
+    def __init__(
+        self,
+        planes: int,
+        ratio: float = 0.5,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        channel_axis: int = 1,
+        sync: bool = False,
+        process_group: object = None,
+    ) -> None:
+        super().__init__()
+        self.half, rest = ibn_split(planes, ratio)
+        self.planes, self.ratio = planes, ratio
+        self.channel_axis = check_channel_axis(channel_axis)
+        self.IN = InstanceNorm(self.half, eps=eps, affine=True, channel_axis=channel_axis)
+        options = {"eps": eps, "momentum": momentum, "channel_axis": channel_axis}
+        if check_sync(sync, process_group, "IBN"):
+            self.BN = SyncBatchNorm(rest, process_group=process_group, **options)
+        else:
+            self.BN = BatchNorm(rest, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.channel_axis % max(x.dim(), 1)
+        check_input(self, x, None, self.planes, axis)
+        if x.dim() < 3:
+            raise ValueError(
+                f"{describe(self)}: expected input of at least 3 dims (N, C, positions...), "
+                f"got shape {tuple(x.shape)}"
+            )
+        first, rest = torch.split(x, [self.half, self.planes - self.half], dim=axis)
+        return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
+
+    @property
+    def sync(self) -> bool:
+        """Whether the BN half is synchronized (also after ``convert_sync_batchnorm``)."""
+        return isinstance(self.BN, SYNC_BATCH_NORMS)
+
+    def extra_repr(self) -> str:
+        text = f"{self.planes}, ratio={self.ratio}"
+        text += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return text + (", sync=True" if self.sync else "")
+
+
+class IBNb(InstanceNorm):
+    """IBN-b's instance norm: affine, over all channels, after the residual addition.
+
+    In the release's ResNet the block's forward becomes ``relu(IN(out + identity))``;
+    registered as the block's ``IN`` attribute, its keys are ``IN.weight``/``IN.bias``.
+    ``forward(x, residual)`` adds ``residual`` first (pass ``residual=None`` to skip).
+
+    Example:
+        >>> IBNb(256)(torch.randn(2, 256, 7, 7), torch.randn(2, 256, 7, 7)).shape
+        torch.Size([2, 256, 7, 7])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        channel_axis: int = 1,
+    ) -> None:
+        num_features = check_positive_int(num_features, "IBNb")
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            channel_axis=channel_axis,
+        )
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+                got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
+                raise ValueError(
+                    f"{describe(self)}: expected a residual of shape {tuple(x.shape)}, got {got!r}"
+                )
+            x = x + residual
+        return super().forward(x)

@@ -1,0 +1,141 @@
+"""Layer normalization and RMS normalization: statistics per position over features.
+
+``LayerNorm(normalized_shape)`` normalizes the trailing dims (``... d -> ...``), as
+torch's; with ``channel_axis=1`` it normalizes over the channels of NCHW data without
+permutes (``n c ... -> n ...``), which is what :class:`LayerNorm2d` is (the ConvNeXt
+layer — not ``GroupNorm(1, C)``, which normalizes over C, H and W together).
+RMS norm is the same pattern without centering.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
+from normlab.normalize import normalize_batch
+from normlab.pattern import plan
+
+
+class _FeatureNormForward:
+    """Shared forward of LayerNorm and RMSNorm; `center` tells them apart."""
+
+    center = True
+
+    def _setup(self, channel_axis: int) -> None:
+        self.channel_axis = check_channel_axis(channel_axis)
+        if channel_axis != -1 and len(self.normalized_shape) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: channel_axis={channel_axis} normalizes one axis, so expected "
+                f"an int normalized_shape, got {self.normalized_shape}"
+            )
+
+    def pattern(self) -> str:
+        """The statistics pattern of this layer (any input rank)."""
+        if self.channel_axis == 1:
+            return "n c ... -> n ..."
+        names = " ".join(f"d{i}" for i in range(len(self.normalized_shape)))
+        return f"... {names} -> ..."
+
+    def _eps(self, x: torch.Tensor) -> float:
+        return self.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, "weight", None)
+        bias = getattr(self, "bias", None)
+        if self.channel_axis == 1:
+            check_input(self, x, None, self.normalized_shape[0], 1)
+            weight, bias = channel_view(weight, x.dim(), 1), channel_view(bias, x.dim(), 1)
+        else:
+            dims = len(self.normalized_shape)
+            check_input(self, x, None, None, -1, min_rank=dims)
+            if tuple(x.shape[x.dim() - dims :]) != tuple(self.normalized_shape):
+                raise ValueError(
+                    f"{describe(self)}: expected input of shape "
+                    f"(*, {', '.join(map(str, self.normalized_shape))}), got {tuple(x.shape)}"
+                )
+        p = plan(self.pattern(), x.shape)
+        return normalize_batch(x, p, weight, bias, self._eps(x), self.center)[0]
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra + (f", channel_axis={self.channel_axis}" if self.channel_axis != -1 else "")
+
+
+class LayerNorm(_FeatureNormForward, nn.LayerNorm):
+    """Drop-in ``torch.nn.LayerNorm``; ``channel_axis=1`` normalizes NCHW channels in place.
+
+    Example:
+        >>> LayerNorm(768)(torch.randn(2, 16, 768)).shape
+        torch.Size([2, 16, 768])
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        channel_axis: int = -1,
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self._setup(channel_axis)
+
+
+class LayerNorm2d(LayerNorm):
+    """ConvNeXt's LayerNorm2d: per sample and position over C, with per-channel γ and β.
+
+    Keys ``weight`` and ``bias`` of shape (C,), like timm's. Any rank (N, C, ...).
+
+    Example:
+        >>> LayerNorm2d(64)(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        affine: bool = True,
+        *,
+        channel_axis: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(
+                f"LayerNorm2d: expected num_channels a positive int, got {num_channels!r}"
+            )
+        super().__init__(
+            num_channels, eps, affine, affine, device, dtype, channel_axis=channel_axis
+        )
+
+
+class RMSNorm(_FeatureNormForward, nn.RMSNorm):
+    """Drop-in ``torch.nn.RMSNorm``: x / sqrt(mean(x²) + eps) · γ; ``eps=None`` uses the dtype's eps.
+
+    Example:
+        >>> RMSNorm(768)(torch.randn(2, 16, 768)).shape
+        torch.Size([2, 16, 768])
+    """
+
+    center = False
+
+    def __init__(
+        self,
+        normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        channel_axis: int = -1,
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self._setup(channel_axis)
+
+    def _eps(self, x: torch.Tensor) -> float:
+        return torch.finfo(x.dtype).eps if self.eps is None else self.eps

@@ -1,0 +1,87 @@
+"""Where a layer's statistics come from: the batch in training, running estimates in eval.
+
+torch's semantics: the buffer keeps the *unbiased* batch variance, normalization uses the
+biased one; running = (1 − momentum)·running + momentum·batch; ``momentum=None`` is a
+cumulative average over ``num_batches_tracked`` batches (for every layer here, instance
+norm included). Checkpoints without ``num_batches_tracked`` load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from normlab.layers.checks import describe
+from normlab.moments import Moments
+from normlab.normalize import normalize_batch, normalize_with
+from normlab.pattern import Plan
+
+ToRunning = Callable[[Moments], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_to_running(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch norm: the set's mean and unbiased variance go to the buffers as they are."""
+    return m.mean, m.unbiased_var()
+
+
+class RunningStatsMixin:
+    """Forward for layers with optional running statistics (batch norm, instance norm).
+
+    Subclasses set ``_one_value`` (the error's wording) and call :meth:`_forward_tracked`.
+    """
+
+    _one_value = "value per channel"
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _forward_tracked(
+        self,
+        x: torch.Tensor,
+        batch_plan: Plan,
+        running_plan: Plan,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        to_running: ToRunning = batch_to_running,
+    ) -> torch.Tensor:
+        if not self._uses_batch_stats():
+            return normalize_with(
+                x, running_plan, self.running_mean, self.running_var, weight, bias, self.eps
+            )
+        if self.training and batch_plan.set_size <= 1:
+            raise ValueError(
+                f"{describe(self)}: expected more than 1 {self._one_value} when training, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        y, batch = normalize_batch(x, batch_plan, weight, bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running(*to_running(batch))
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = (
+            1.0 / float(self.num_batches_tracked) if self.momentum is None else float(self.momentum)
+        )
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        key = prefix + "num_batches_tracked"
+        if getattr(self, "num_batches_tracked", None) is not None and key not in state_dict:
+            # Older checkpoints (and other libraries) have no counter: start it at 0, as torch does.
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
