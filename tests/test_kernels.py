@@ -257,3 +257,73 @@ def test_random_shapes_and_patterns(n, c, h, w, kept, channels_last, affine):
     if p.set_size < 2:
         return  # nothing to normalize: the dispatcher sends it to the reference path
     check(x, pattern, sizes, "channel" if affine else None)
+
+
+def _timm_layer_norm_2d(ref):
+    def run(x):
+        y = torch.nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), ref.normalized_shape, ref.weight, ref.bias, ref.eps
+        )
+        return y.permute(0, 3, 1, 2)
+
+    return run
+
+
+LAYERS = [
+    ("bn", lambda c, h, w: (normlab.BatchNorm2d(c), torch.nn.BatchNorm2d(c))),
+    (
+        "in",
+        lambda c, h, w: (
+            normlab.InstanceNorm2d(c, affine=True),
+            torch.nn.InstanceNorm2d(c, affine=True),
+        ),
+    ),
+    ("ln", lambda c, h, w: (normlab.LayerNorm([c, h, w]), torch.nn.LayerNorm([c, h, w]))),
+    ("gn", lambda c, h, w: (normlab.GroupNorm(3, c), torch.nn.GroupNorm(3, c))),
+    (
+        "rms",
+        lambda c, h, w: (
+            normlab.RMSNorm([c, h, w], eps=1e-5),
+            torch.nn.RMSNorm([c, h, w], eps=1e-5),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("layer", LAYERS, ids=[name for name, _ in LAYERS])
+def test_layers_on_the_fast_path_match_torch_nn(layer, channels_last):
+    _, make = layer
+    x = _randn(4, 6, 5, 7)
+    if channels_last:
+        x = _cl(x)
+    mine, ref = make(6, 5, 7)
+    mine.load_state_dict(ref.state_dict())
+    for p in ref.parameters():  # non-trivial affine
+        torch.nn.init.normal_(p, 1.0, 0.3)
+    mine.load_state_dict(ref.state_dict())
+    for mode in ("train", "eval"):
+        mine.train(mode == "train")
+        ref.train(mode == "train")
+        xm, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ym, yr = mine(xm), ref(xr)
+        torch.testing.assert_close(ym, yr, atol=1e-4, rtol=1e-4)
+        if channels_last:
+            assert ym.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        gm = torch.autograd.grad(ym, [xm, *mine.parameters()], g)
+        gr = torch.autograd.grad(yr, [xr, *ref.parameters()], g)
+        for a, b in zip(gm, gr, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for name, buf in ref.named_buffers():  # running statistics updated alike
+        torch.testing.assert_close(dict(mine.named_buffers())[name], buf)
+
+
+def test_layer_norm_2d_on_the_fast_path_matches_permute_layer_norm():
+    ref = torch.nn.LayerNorm(6, eps=1e-6)  # LayerNorm2d's default eps, as in ConvNeXt
+    torch.nn.init.normal_(ref.weight, 1.0, 0.3)
+    mine = normlab.LayerNorm2d(6, eps=1e-6)
+    mine.load_state_dict(ref.state_dict())
+    for x in (_randn(4, 6, 5, 7), _cl(_randn(4, 6, 5, 7))):
+        assert explain_dispatch(x, "n c h w -> n h w", weight=mine.weight).startswith("cpu")
+        torch.testing.assert_close(mine(x), _timm_layer_norm_2d(ref)(x), atol=1e-5, rtol=1e-5)
