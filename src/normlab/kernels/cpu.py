@@ -546,6 +546,15 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
     """Backward for one set per short row (the forward's `_forward_rows`)."""
     n = x.shape[1]
     zero = x.dtype.type(0)
+    # one affine row for all rows (LayerNorm): take its views once, not per row
+    shared = t1 > t0 and mode == 1
+    for i in range(t0, t1):
+        if oa[tasks[i, 0]] != oa[tasks[t0, 0]]:
+            shared = False
+    base0 = oa[tasks[t0, 0]] + ob[0] + oc[0] if shared else 0
+    ws0 = w[base0 : base0 + n] if shared else w[:0]
+    dws0 = dw[base0 : base0 + n] if shared else dw[:0]
+    dbs0 = db[base0 : base0 + n] if shared else db[:0]
     for i in range(t0, t1):
         a = tasks[i, 0]
         mu = mean[a, 0]
@@ -589,9 +598,9 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
         sg = zero
         sgx = zero
         if mode == 1:
-            ws = w[base : base + n]
-            dws = dw[base : base + n]
-            dbs = db[base : base + n]
+            ws = ws0 if shared else w[base : base + n]
+            dws = dws0 if shared else dw[base : base + n]
+            dbs = dbs0 if shared else db[base : base + n]
             for j in range(n):
                 g = gy[a, j]
                 xh = (x[a, j] - m) * r
@@ -613,7 +622,7 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
         u = x.dtype.type(sg / n if batch and center else 0.0)
         v = x.dtype.type(sgx / n if batch else 0.0)
         if mode == 1:
-            ws = w[base : base + n]
+            ws = ws0 if shared else w[base : base + n]
             for j in range(n):
                 gx[a, j] = r * (gy[a, j] * ws[j] - u - (x[a, j] - m) * r * v)
         else:
