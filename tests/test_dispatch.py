@@ -14,6 +14,11 @@ BIG = (8, 16, 32, 32)  # 131072 elements: above the small-tensor threshold
 HAS_NUMBA = dispatch.available("numba")
 
 
+@pytest.fixture
+def numba_only(monkeypatch):
+    monkeypatch.setitem(dispatch._global, "native", False)
+
+
 def test_small_tensors_go_to_reference():
     assert explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c").startswith("reference")
     assert "elements" in explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c")
@@ -31,7 +36,7 @@ def test_small_tensors_go_to_reference():
         ("n c h w -> n", None, "KR"),
     ],
 )
-def test_fast_path_chosen_by_family(pattern, layout, family):
+def test_fast_path_chosen_by_family(pattern, layout, family, numba_only):
     x = torch.randn(BIG)
     if layout is not None:
         x = x.contiguous(memory_format=layout)
@@ -39,7 +44,7 @@ def test_fast_path_chosen_by_family(pattern, layout, family):
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
-def test_contiguous_inner_run_is_the_reduced_block():
+def test_contiguous_inner_run_is_the_reduced_block(numba_only):
     x = torch.randn(BIG)
     # instance norm, with or without affine: rows of H*W contiguous elements
     assert explain_dispatch(x, "n c h w -> n c").endswith("(128, 1, 1, 1024)")
@@ -101,7 +106,7 @@ def test_forcing_the_reference_path(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
-def test_choice_is_logged(caplog):
+def test_choice_is_logged(caplog, numba_only):
     x = torch.randn(BIG)
     with caplog.at_level(logging.DEBUG, logger="normlab.kernels"):
         normlab.normalize(x, "n c h w -> n c")

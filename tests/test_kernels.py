@@ -20,6 +20,7 @@ def small_tensors_take_the_kernel(monkeypatch):
     # Test shapes are small; let them through the fast path regardless of size, and cut
     # them into 3 chunks on the thread pool as if they were large.
     monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
+    monkeypatch.setitem(dispatch._global, "native", False)  # the Numba kernels, not ATen's
     monkeypatch.setattr(cpu_function, "SERIAL_BELOW", 0)
     monkeypatch.setattr(cpu_function, "threads", lambda: 3)
     cpu_function._layout.cache_clear()

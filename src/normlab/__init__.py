@@ -14,6 +14,7 @@ from normlab.errors import PatternError
 from normlab.explain import Explanation, explain
 from normlab.fold import fold
 from normlab.freeze import FrozenBatchNorm, freeze, unfreeze, update_stats
+from normlab.kernels import explain_dispatch, set_native, set_reference, use_reference
 from normlab.layers import (
     IBN,
     BatchInstanceNorm,
@@ -90,7 +91,11 @@ __all__ = [
     "available_norms",
     "create_norm",
     "explain",
+    "explain_dispatch",
     "register",
+    "set_native",
+    "set_reference",
+    "use_reference",
     "combine",
     "moments",
     "normalize",

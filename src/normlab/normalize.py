@@ -80,6 +80,18 @@ def normalize_batch(
     return y, from_stats(mean.detach(), var.detach(), p)
 
 
+def normalize_plan(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+) -> torch.Tensor:
+    """Normalize with the batch's own statistics, for layers that keep none of them."""
+    return dispatch.normalize_batch(x, p, weight, bias, eps, center)[0]
+
+
 def normalize_with(
     x: torch.Tensor,
     p: Plan,
@@ -116,4 +128,4 @@ def normalize(
         raise ValueError(f"normalize: expected eps >= 0, got {eps!r}")
     p = plan(pattern, x.shape, **sizes)
     w, b = affine_view(weight, x, p, "weight"), affine_view(bias, x, p, "bias")
-    return normalize_batch(x, p, w, b, float(eps), center)[0]
+    return normalize_plan(x, p, w, b, float(eps), center)

@@ -5,6 +5,6 @@ Example:
     ...     y = normlab.normalize(x, "n c h w -> c")
 """
 
-from normlab.kernels.dispatch import explain_dispatch, set_reference, use_reference
+from normlab.kernels.dispatch import explain_dispatch, set_native, set_reference, use_reference
 
-__all__ = ["explain_dispatch", "set_reference", "use_reference"]
+__all__ = ["explain_dispatch", "set_native", "set_reference", "use_reference"]

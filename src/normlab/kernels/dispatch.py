@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from normlab.kernels import reference
+from normlab.kernels import native, reference
 from normlab.pattern import Plan, plan
 
 log = logging.getLogger("normlab.kernels")
@@ -39,7 +39,18 @@ MIN_ELEMENTS = 65536
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _forced = threading.local()
-_global = {"reference": False}
+_global = {"reference": False, "native": True}
+
+
+def set_native(enabled: bool = True) -> bool:
+    """Allow (or stop) ATen's fused kernels where they fit; return the previous setting.
+
+    With them off, the Numba kernels serve every pattern they can (tests use this to
+    check those kernels on patterns ATen would otherwise take).
+    """
+    previous = _global["native"]
+    _global["native"] = bool(enabled)
+    return previous
 
 
 def set_reference(enabled: bool = True) -> bool:
@@ -89,8 +100,13 @@ def _choose(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     stats_grad: bool = False,
+    batch: tuple[float, bool] | None = None,
 ) -> tuple[str, object]:
-    """("cpu" | "gpu", prepared) or ("reference", reason)."""
+    """("cpu" | "gpu", prepared), ("native", (name, thunk)) or ("reference", reason).
+
+    `batch` is ``(eps, center)`` for a call that computes its own statistics, the only
+    kind ATen's fused kernels serve.
+    """
     if reference_forced():
         return "reference", "reference path forced"
     if x.dtype not in KERNEL_DTYPES:
@@ -105,6 +121,10 @@ def _choose(
         if t is not None and (t.device != x.device or not t.is_floating_point()):
             return "reference", "weight/bias on another device or not floating point"
     if x.device.type == "cpu":
+        use_native = batch is not None and _global["native"]
+        chosen = native.choose(x, p, weight, bias, *batch) if use_native else None
+        if chosen is not None:
+            return "native", chosen
         if not available("numba"):
             return "reference", "numba is not installed"
         from normlab.kernels.cpu_function import prepare
@@ -133,6 +153,8 @@ def _dense(x: torch.Tensor) -> bool:
 def _describe(kind: str, what: object) -> str:
     if kind == "reference":
         return f"reference: {what}"
+    if kind == "native":
+        return f"cpu (aten): native_{what[0]}"  # type: ignore[index]
     c = what.canon  # type: ignore[attr-defined]
     engine = "numba" if kind == "cpu" else "triton"
     return f"{kind} ({engine}): family {c.family}, canonical (A, B, C, D) = {c.shape}"
@@ -144,6 +166,8 @@ def explain_dispatch(
     *,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
     **sizes: int,
 ) -> str:
     """Which path a normalization of `x` by `pattern` takes, and why, in one line.
@@ -156,7 +180,7 @@ def explain_dispatch(
 
     p = plan(pattern, x.shape, **sizes)
     w, b = affine_view(weight, x, p, "weight"), affine_view(bias, x, p, "bias")
-    return _describe(*_choose(x, p, w, b))
+    return _describe(*_choose(x, p, w, b, batch=(eps, center)))
 
 
 def normalize_batch(
@@ -168,13 +192,15 @@ def normalize_batch(
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``."""
-    kind, what = _choose(x, p, weight, bias)
+    kind, what = _choose(x, p, weight, bias, batch=(eps, center))
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "normalize_batch %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
         )
     if kind == "reference":
         return reference.normalize_batch(x, p, weight, bias, eps, center)
+    if kind == "native":
+        return what[1]()  # type: ignore[index]
     xin = x if _dense(x) else x.contiguous()
     if kind == "cpu":
         from normlab.kernels.cpu_function import BatchNormFunction

@@ -19,7 +19,7 @@ from torch import nn
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
 from normlab.layers.tracked import check_eps_momentum, check_positive_int
 from normlab.moments import batch_stats, from_stats
-from normlab.normalize import normalize_batch, normalize_with
+from normlab.normalize import normalize_plan, normalize_with
 from normlab.pattern import plan
 
 
@@ -80,7 +80,7 @@ class FilterResponseNorm(nn.Module):
             nu2 = p.to_kept(square) + self.eps.abs()
             y = normalize_with(x, p, torch.zeros_like(nu2), nu2, weight, bias, 0.0)
         else:
-            y = normalize_batch(x, p, weight, bias, abs(self.eps), center=False)[0]
+            y = normalize_plan(x, p, weight, bias, abs(self.eps), center=False)
         if not self.tlu:
             return y
         return torch.maximum(y, channel_view(self.tau, x.dim(), axis).to(y.dtype))

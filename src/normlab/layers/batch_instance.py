@@ -19,7 +19,7 @@ from torch import nn
 
 from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.tracked import TrackedNorm
-from normlab.normalize import normalize_batch
+from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 from normlab.sync import normalize_synchronized, synchronizing
 
@@ -91,7 +91,7 @@ class BatchInstanceNorm(TrackedNorm):
             x_bn = normalize_synchronized(self, x, bp, None, None)
         else:
             x_bn = self._forward_tracked(x, bp, bp, None, None)
-        x_in = normalize_batch(x, ip, None, None, self.eps)[0]
+        x_in = normalize_plan(x, ip, None, None, self.eps)
         rho = channel_view(self.gate.clamp(0, 1), x.dim(), axis)
         y = x_in + rho * (x_bn - x_in)
         if self.weight is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
-from normlab.normalize import normalize_batch
+from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 
 
@@ -68,7 +68,7 @@ class GroupNorm(nn.GroupNorm):
         p = plan(self.pattern(), x.shape, g=self.num_groups)
         weight = channel_view(self.weight, x.dim(), axis)
         bias = channel_view(self.bias, x.dim(), axis)
-        return normalize_batch(x, p, weight, bias, self.eps)[0]
+        return normalize_plan(x, p, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

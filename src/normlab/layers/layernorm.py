@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
-from normlab.normalize import normalize_batch
+from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 
 
@@ -55,7 +55,7 @@ class _FeatureNormForward:
                     f"(*, {', '.join(map(str, self.normalized_shape))}), got {tuple(x.shape)}"
                 )
         p = plan(self.pattern(), x.shape)
-        return normalize_batch(x, p, weight, bias, self._eps(x), self.center)[0]
+        return normalize_plan(x, p, weight, bias, self._eps(x), self.center)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

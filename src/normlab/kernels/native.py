@@ -1,0 +1,165 @@
+"""torch's own fused kernels, for the patterns one of them computes exactly.
+
+Where ATen has a single-pass kernel for a pattern (layer norm over trailing dims,
+group norm on contiguous NCHW data, batch norm in any layout) and it measures faster
+than normlab's Numba kernel, the dispatcher uses it: `normlab` is then as fast as
+`torch.nn` there, and every other pattern keeps its own kernel. Each recognizer checks
+the plan's geometry, not the caller's name for it, so any pattern that *is* one of
+these normalizations gets the native kernel. Autograd (and double backward) come with
+the ATen ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from normlab.pattern import Plan
+
+Native = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _single_axes(p: Plan) -> bool:
+    return all(len(members) == 1 for members in p.input_dims)
+
+
+def _per_channel(t: torch.Tensor | None, channels: int, dim: int, ndim: int) -> bool:
+    """`t` is None or a per-channel vector along input dim `dim` (shaped to broadcast)."""
+    if t is None:
+        return True
+    shape = [1] * ndim
+    shape[dim] = channels
+    return (
+        tuple(t.shape) in (tuple(shape), (channels,))
+        if dim == ndim - 1
+        else tuple(t.shape) == tuple(shape)
+    )
+
+
+def _var(rstd: torch.Tensor, eps: float) -> torch.Tensor:
+    # ATen returns 1/sqrt(var + eps); the biased variance comes back for running estimates.
+    return (rstd.double().pow(-2) - eps).clamp(min=0).to(rstd.dtype)
+
+
+def _mixed_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """ATen's CPU kernels take parameters of the input's dtype, or float32 beside half input."""
+    allowed = {x.dtype, torch.float32} if x.dtype in (torch.bfloat16, torch.float16) else {x.dtype}
+    return all(t is None or t.dtype in allowed for t in params)
+
+
+def layer_norm(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> Native | None:
+    """``... d1 .. dk -> ...`` on a contiguous input: ``native_layer_norm``."""
+    kept, n = p.kept, len(p.expanded_shape)
+    if not (
+        _single_axes(p) and kept == tuple(range(len(kept))) and len(kept) < n and x.is_contiguous()
+    ):
+        return None
+    trailing = tuple(x.shape[len(kept) :])
+    if any(t is not None and tuple(t.shape) != trailing for t in (weight, bias)):
+        return None
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, mean, rstd = torch.native_layer_norm(x, trailing, weight, bias, eps)
+        return y, mean.reshape(p.stats_shape), _var(rstd, eps).reshape(p.stats_shape)
+
+    return run
+
+
+def group_norm(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> Native | None:
+    """Per sample and channel group on contiguous NCHW data: ``native_group_norm``.
+
+    Covers ``n (g k) ... -> n g`` (group norm), ``n c ... -> n c`` (instance norm, G = C)
+    and ``n c ... -> n`` (layer norm over C and every position, G = 1).
+    """
+    if (
+        x.dim() < 3
+        or not x.is_contiguous()
+        or p.input_dims[0] != (0,)
+        or not _single_axes_after(p, 2)
+    ):
+        return None
+    channel = p.input_dims[1]
+    if len(channel) == 2 and p.kept == (0, channel[0]):
+        groups = p.expanded_shape[channel[0]]
+    elif len(channel) == 1 and p.kept == (0, channel[0]):
+        groups = x.shape[1]
+    elif len(channel) == 1 and p.kept == (0,):
+        groups = 1
+    else:
+        return None
+    c = x.shape[1]
+    if not (_per_channel(weight, c, 1, x.dim()) and _per_channel(bias, c, 1, x.dim())):
+        return None
+    w = None if weight is None else weight.reshape(c)
+    b = None if bias is None else bias.reshape(c)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x[0, 0].numel(), groups, eps)
+        return y, mean.reshape(p.stats_shape), _var(rstd, eps).reshape(p.stats_shape)
+
+    return run
+
+
+def _single_axes_after(p: Plan, start: int) -> bool:
+    return all(len(members) == 1 for members in p.input_dims[start:])
+
+
+def batch_norm(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> Native | None:
+    """One kept input dim (the channels, anywhere but the first dim): ``native_batch_norm``."""
+    if not (_single_axes(p) and len(p.kept) == 1 and x.dim() >= 2 and p.kept[0] != 0):
+        return None
+    dim = p.kept[0]
+    c = x.shape[dim]
+    if not (_per_channel(weight, c, dim, x.dim()) and _per_channel(bias, c, dim, x.dim())):
+        return None
+    w = None if weight is None else weight.reshape(c)
+    b = None if bias is None else bias.reshape(c)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Channels at dim 1 as ATen expects; a view, so channels-last memory stays as it is.
+        xc = x.movedim(dim, 1)
+        y, mean, invstd = torch.native_batch_norm(xc, w, b, None, None, True, 0.0, eps)
+        return (
+            y.movedim(1, dim),
+            mean.reshape(p.stats_shape),
+            _var(invstd, eps).reshape(p.stats_shape),
+        )
+
+    return run
+
+
+def choose(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+) -> tuple[str, Native] | None:
+    """(name, thunk) of the ATen kernel that computes this call exactly, where it is the faster path.
+
+    Measured on 2 cores (docs/performance.md): ATen's single-pass kernels beat the Numba
+    kernels for layer norm over trailing dims and for group, instance and layer norm on
+    contiguous NCHW data, and for batch norm on channels-last or half-precision data; the
+    Numba kernels win for batch norm on NCHW float32/64, RMS norm, LayerNorm2d and every
+    per-sample norm on channels-last data (where ATen makes a contiguous copy).
+    """
+    if not center or x.device.type != "cpu" or not _mixed_ok(x, weight, bias):
+        return None
+    for name, recognize in (("layer_norm", layer_norm), ("group_norm", group_norm)):
+        run = recognize(x, p, weight, bias, eps)
+        if run is not None:
+            return name, run
+    run = batch_norm(x, p, weight, bias, eps)
+    channels_first = run is not None and x.movedim(p.kept[0], 1).is_contiguous()
+    if run is not None and (x.dtype in (torch.bfloat16, torch.float16) or not channels_first):
+        return "batch_norm", run
+    return None

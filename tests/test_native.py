@@ -1,0 +1,142 @@
+"""ATen's fused kernels where the dispatcher picks them: exact against the reference path."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.kernels import dispatch, explain_dispatch, use_reference
+from normlab.normalize import normalize_batch
+from normlab.pattern import parse_pattern, plan
+
+CL = torch.channels_last
+
+# (pattern, sizes, memory format, dtype, expected native kernel or None for "not native")
+CASES = [
+    ("n c h w -> c", {}, CL, torch.float32, "batch_norm"),
+    ("n c h w -> c", {}, None, torch.bfloat16, "batch_norm"),
+    ("n c h w -> c", {}, None, torch.float32, None),  # Numba's RKR kernel is faster there
+    ("n h w c -> c", {}, None, torch.float32, "batch_norm"),
+    ("n c l -> c", {}, None, torch.bfloat16, "batch_norm"),
+    ("n (g k) h w -> n g", {"g": 4}, None, torch.float32, "group_norm"),
+    ("n (g k) l -> n g", {"k": 2}, None, torch.float64, "group_norm"),
+    # with a per-channel affine, instance norm is group norm with G = C, CNN layer norm G = 1
+    ("n c h w -> n c", {}, None, torch.float32, "group_norm"),
+    ("n c h w -> n", {}, None, torch.float32, "group_norm"),
+    ("b t d -> b t", {}, None, torch.float32, "layer_norm"),
+    ("n c h w -> n c", {}, CL, torch.float32, None),  # ATen would copy; Numba's KRK kernel
+    ("n c h w -> n h w", {}, None, torch.float32, None),  # LayerNorm2d: no ATen kernel
+]
+
+
+def make(shape, fmt, dtype):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    x = x.to(dtype)
+    return x.contiguous(memory_format=fmt) if fmt is not None else x
+
+
+def shape_of(pattern):
+    return {2: (16, 12), 3: (16, 12, 40), 4: (16, 12, 7, 9)}[len(parse_pattern(pattern).dims)]
+
+
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
+
+
+@pytest.mark.parametrize(
+    "pattern, sizes, fmt, dtype, kernel", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES]
+)
+def test_native_choice_and_exactness(pattern, sizes, fmt, dtype, kernel):
+    x = make(shape_of(pattern), fmt, dtype)
+    p = plan(pattern, x.shape, **sizes)
+    channel = p.input_dim_of("c") if "c" in p.axes else (1 if "(g k)" in pattern else None)
+    w = b = None
+    if channel is not None:
+        shape = [1] * x.dim()
+        shape[channel] = x.shape[channel]
+        w = (1 + 0.3 * torch.randn(shape)).to(dtype if dtype != torch.bfloat16 else torch.float32)
+        b = (0.3 * torch.randn(shape)).to(w.dtype)
+    choice = explain_dispatch(x, pattern, weight=None if w is None else w.reshape(-1), **sizes)
+    if kernel is None:
+        assert "aten" not in choice
+        return
+    assert choice == f"cpu (aten): native_{kernel}", choice
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    ws = [w.detach().clone().requires_grad_() for _ in range(2)] if w is not None else [None, None]
+    outs = []
+    for i, forced in enumerate([False, True]):
+        with use_reference(forced):
+            y, m = normalize_batch(xs[i], p, ws[i], None if b is None else b, 1e-5)
+        outs.append((y, m))
+        y.float().square().sum().backward()
+    (y0, m0), (y1, m1) = outs
+    tol = {"atol": 5e-2, "rtol": 5e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+    assert y0.dtype == dtype and y0.is_contiguous(memory_format=fmt or torch.contiguous_format)
+    torch.testing.assert_close(y0.float(), y1.float(), **tol)
+    torch.testing.assert_close(m0.mean, m1.mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m0.var, m1.var, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(xs[0].grad.float(), xs[1].grad.float(), **tol)
+    if w is not None:
+        torch.testing.assert_close(ws[0].grad, ws[1].grad, atol=tol["atol"] * 10, rtol=tol["rtol"])
+
+
+def test_large_mean_through_native_kernels():
+    x64 = torch.randn(16, 8, 24, 24, dtype=torch.float64) * 0.01 + 100
+    x = x64.float()
+    for pattern, sizes in [
+        ("n (g k) h w -> n g", {"g": 2}),
+        ("n c h w -> n", {}),
+        ("n c h w -> n c", {}),
+    ]:
+        assert "aten" in explain_dispatch(x, pattern, **sizes)
+        y = normlab.normalize(x, pattern, eps=0.0, **sizes)
+        with use_reference():
+            ref = normlab.normalize(x.double(), pattern, eps=0.0, **sizes)
+        assert (y.double() - ref).abs().max() < 1e-2, pattern
+
+
+def test_double_backward_through_native_kernels():
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for pattern, sizes in [("n (g k) h w -> n g", {"g": 3}), ("n c h w -> n", {})]:
+        assert "aten" in explain_dispatch(x, pattern, weight=w, **sizes)
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, pattern=pattern, sizes=sizes: normlab.normalize(
+                x, pattern, weight=w, **sizes
+            ),
+            (x, w),
+        )
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, fmt",
+    [
+        (lambda: normlab.BatchNorm2d(12), lambda: nn.BatchNorm2d(12), CL),
+        (lambda: normlab.GroupNorm(4, 12), lambda: nn.GroupNorm(4, 12), None),
+        (
+            lambda: normlab.InstanceNorm2d(12, affine=True, track_running_stats=True),
+            lambda: nn.InstanceNorm2d(12, affine=True, track_running_stats=True),
+            None,
+        ),
+        (lambda: normlab.LayerNorm([12, 7, 9]), lambda: nn.LayerNorm([12, 7, 9]), None),
+    ],
+)
+def test_layers_on_native_kernels_match_torch_nn(ours, theirs, fmt):
+    a, t = ours(), theirs()
+    a.load_state_dict(t.state_dict())
+    x = make((16, 12, 7, 9), fmt, torch.float32)
+    assert "aten" in explain_dispatch(
+        x,
+        a.pattern() if hasattr(a, "pattern") else "n c h w -> c",
+        **({"g": 4} if isinstance(a, nn.GroupNorm) else {}),
+    )
+    for _ in range(2):
+        xa, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yt = a(xa), t(xt)
+        torch.testing.assert_close(ya, yt, atol=1e-5, rtol=1e-5)
+        ya.square().sum().backward(), yt.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xt.grad, atol=1e-4, rtol=1e-4)
+    for (name, u), (_, v) in zip(a.named_buffers(), t.named_buffers(), strict=True):
+        if name != "num_batches_tracked":
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
