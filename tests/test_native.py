@@ -20,12 +20,16 @@ CASES = [
     ("n c l -> c", {}, None, torch.bfloat16, "batch_norm"),
     ("n (g k) h w -> n g", {"g": 4}, None, torch.float32, "group_norm"),
     ("n (g k) l -> n g", {"k": 2}, None, torch.float64, "group_norm"),
+    ("n (g k) h w -> n g", {"g": 4}, None, torch.bfloat16, "group_norm"),
+    ("n c h w -> n c", {}, None, torch.bfloat16, "group_norm"),
     # with a per-channel affine, instance norm is group norm with G = C, CNN layer norm G = 1
     ("n c h w -> n c", {}, None, torch.float32, "group_norm"),
     ("n c h w -> n", {}, None, torch.float32, "group_norm"),
     ("b t d -> b t", {}, None, torch.float32, "layer_norm"),
     ("n c h w -> n c", {}, CL, torch.float32, None),  # ATen would copy; Numba's KRK kernel
-    ("n c h w -> n h w", {}, None, torch.float32, None),  # LayerNorm2d: no ATen kernel
+    ("n c h w -> n h w", {}, None, torch.float32, None),  # LayerNorm2d on NCHW: Numba's KRK
+    ("n c h w -> n h w", {}, CL, torch.float32, "layer_norm"),  # channels contiguous: rows
+    ("n c h w -> n h w", {}, CL, torch.bfloat16, None),  # ATen's bf16 γ/β gradients: too coarse
 ]
 
 
@@ -140,3 +144,21 @@ def test_layers_on_native_kernels_match_torch_nn(ours, theirs, fmt):
     for (name, u), (_, v) in zip(a.named_buffers(), t.named_buffers(), strict=True):
         if name != "num_batches_tracked":
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm2d_on_channels_last_is_a_row_layer_norm_without_copies():
+    layer = normlab.LayerNorm2d(12)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(12))
+        layer.bias.copy_(torch.randn(12))
+    x = make((16, 12, 7, 9), CL, torch.float32).requires_grad_()
+    assert "native_layer_norm" in explain_dispatch(x, "n c h w -> n h w", weight=layer.weight)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=CL)
+    xt = x.detach().clone().requires_grad_()
+    expected = nn.functional.layer_norm(
+        xt.permute(0, 2, 3, 1), (12,), layer.weight, layer.bias, 1e-6
+    ).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward(), expected.square().sum().backward()
+    torch.testing.assert_close(x.grad, xt.grad, atol=1e-4, rtol=1e-4)

@@ -207,8 +207,11 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
     result: dict[str, float | str] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     result["saved_torch"] = _saved_bytes(ref, xg, params)
     result["saved_normlab"] = _saved_bytes(mine, xg, params)
-    pattern, sizes, _ = _pattern_of(case)
-    result["path"] = explain_dispatch(x, pattern, **sizes).split(",")[0]
+    pattern, sizes, center = _pattern_of(case)
+    weight = getattr(ref, "weight", None)
+    result["path"] = explain_dispatch(x, pattern, weight=weight, center=center, **sizes).split(",")[
+        0
+    ]
     return result
 
 
