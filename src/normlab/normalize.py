@@ -89,7 +89,7 @@ def normalize_plan(
     center: bool = True,
 ) -> torch.Tensor:
     """Normalize with the batch's own statistics, for layers that keep none of them."""
-    return dispatch.normalize_batch(x, p, weight, bias, eps, center)[0]
+    return dispatch.normalize_batch(x, p, weight, bias, eps, center, stats=False)[0]
 
 
 def normalize_with(

@@ -190,8 +190,12 @@ def normalize_batch(
     bias: torch.Tensor | None,
     eps: float,
     center: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``."""
+    stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``.
+
+    With ``stats=False`` a kernel may skip building the statistics and return None.
+    """
     kind, what = _choose(x, p, weight, bias, batch=(eps, center))
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
@@ -200,7 +204,7 @@ def normalize_batch(
     if kind == "reference":
         return reference.normalize_batch(x, p, weight, bias, eps, center)
     if kind == "native":
-        return what[1]()  # type: ignore[index]
+        return what[1](stats)  # type: ignore[index]
     xin = x if _dense(x) else x.contiguous()
     if kind == "cpu":
         from normlab.kernels.cpu_function import BatchNormFunction

@@ -17,7 +17,8 @@ import torch
 
 from normlab.pattern import Plan
 
-Native = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A prepared call: run(stats) -> (y, mean, var), the statistics None unless `stats`.
+Native = Callable[[bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
 def _single_axes(p: Plan) -> bool:
@@ -37,9 +38,21 @@ def _per_channel(t: torch.Tensor | None, channels: int, dim: int, ndim: int) -> 
     )
 
 
-def _var(rstd: torch.Tensor, eps: float) -> torch.Tensor:
-    # ATen returns 1/sqrt(var + eps); the biased variance comes back for running estimates.
-    return (rstd.double().pow(-2) - eps).clamp(min=0).to(rstd.dtype)
+def _stats(
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    p: Plan,
+    stats: bool,
+    inverse: list[int] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """ATen's mean and 1/sqrt(var + eps) as (mean, biased var) in `p.stats_shape`, if wanted."""
+    if not stats:  # layers without running estimates: skip the per-set work
+        return None, None
+    var = (rstd.double().pow(-2) - eps).clamp(min=0).to(rstd.dtype)
+    if inverse is not None:
+        mean, var = mean.permute(inverse), var.permute(inverse)
+    return mean.reshape(p.stats_shape), var.reshape(p.stats_shape)
 
 
 def _mixed_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -74,10 +87,9 @@ def layer_norm(
         return None
     inverse = sorted(range(x.dim()), key=order.__getitem__)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         y, mean, rstd = torch.native_layer_norm(xm, trailing, *params, eps)
-        mean, var = mean.permute(inverse), _var(rstd, eps).permute(inverse)
-        return y.permute(inverse), mean.reshape(p.stats_shape), var.reshape(p.stats_shape)
+        return y.permute(inverse), *_stats(mean, rstd, eps, p, stats, inverse)
 
     return run
 
@@ -130,10 +142,10 @@ def group_norm(
     w = None if weight is None else weight.reshape(c)
     b = None if bias is None else bias.reshape(c)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         n = x.shape[0]
         y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x[0, 0].numel(), groups, eps)
-        return y, mean.reshape(p.stats_shape), _var(rstd, eps).reshape(p.stats_shape)
+        return y, *_stats(mean, rstd, eps, p, stats)
 
     return run
 
@@ -155,15 +167,11 @@ def batch_norm(
     w = None if weight is None else weight.reshape(c)
     b = None if bias is None else bias.reshape(c)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         # Channels at dim 1 as ATen expects; a view, so channels-last memory stays as it is.
         xc = x.movedim(dim, 1)
         y, mean, invstd = torch.native_batch_norm(xc, w, b, None, None, True, 0.0, eps)
-        return (
-            y.movedim(1, dim),
-            mean.reshape(p.stats_shape),
-            _var(invstd, eps).reshape(p.stats_shape),
-        )
+        return y.movedim(1, dim), *_stats(mean, invstd, eps, p, stats)
 
     return run
 
