@@ -11,7 +11,6 @@ import normlab
 from normlab.kernels import dispatch, explain_dispatch, set_reference, use_reference
 
 BIG = (8, 16, 32, 32)  # 131072 elements: above the small-tensor threshold
-HAS_NUMBA = dispatch.available("numba")
 
 
 @pytest.fixture
@@ -24,7 +23,6 @@ def test_small_tensors_go_to_reference():
     assert "elements" in explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c")
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 @pytest.mark.parametrize(
     ("pattern", "layout", "family"),
     [
@@ -43,7 +41,6 @@ def test_fast_path_chosen_by_family(pattern, layout, family, numba_only):
     assert explain_dispatch(x, pattern).startswith(f"cpu (numba): family {family},")
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 def test_contiguous_inner_run_is_the_reduced_block(numba_only):
     x = torch.randn(BIG)
     # instance norm, with or without affine: rows of H*W contiguous elements
@@ -57,7 +54,6 @@ def test_contiguous_inner_run_is_the_reduced_block(numba_only):
     )
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 def test_group_norm_channels_last_is_krkr():
     x = torch.randn(BIG).contiguous(memory_format=torch.channels_last)
     assert "family KRKR" in explain_dispatch(x, "n (g k) h w -> n g", g=4)
@@ -66,7 +62,7 @@ def test_group_norm_channels_last_is_krkr():
 def test_unsupported_cases_fall_back_with_a_reason(monkeypatch):
     x = torch.randn(BIG)
     # R K R K in memory order does not fit K R K R
-    assert "does not fit" in explain_dispatch(x, "n c h w -> c w") or not HAS_NUMBA
+    assert "does not fit" in explain_dispatch(x, "n c h w -> c w")
     assert "dtype" in explain_dispatch(torch.randn(BIG, dtype=torch.complex64), "n c h w -> c")
     monkeypatch.setitem(dispatch._available, "numba", False)
     assert explain_dispatch(x, "n c h w -> c") == "reference: numba is not installed"
@@ -85,7 +81,6 @@ def test_statistics_with_gradient_use_reference():
     torch.testing.assert_close(gm, torch.full_like(gm, -x[:, 0].numel() / (1 + 1e-5) ** 0.5))
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 def test_forcing_the_reference_path(monkeypatch):
     x = torch.randn(BIG)
     assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
@@ -105,7 +100,6 @@ def test_forcing_the_reference_path(monkeypatch):
     assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="the CPU fast path needs numba")
 def test_choice_is_logged(caplog, numba_only):
     x = torch.randn(BIG)
     with caplog.at_level(logging.DEBUG, logger="normlab.kernels"):

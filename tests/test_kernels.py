@@ -12,8 +12,6 @@ from normlab.kernels import cpu_function, dispatch, explain_dispatch, use_refere
 from normlab.normalize import affine_view, normalize_batch, normalize_with
 from normlab.pattern import plan
 
-pytest.importorskip("numba", reason="the CPU fast path needs numba")
-
 
 @pytest.fixture(autouse=True)
 def small_tensors_take_the_kernel(monkeypatch):
