@@ -55,7 +55,7 @@ def test_contiguous_inner_run_is_the_reduced_block(numba_only):
 
 
 def test_group_norm_channels_last_is_krkr():
-    x = torch.randn(BIG).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(BIG).contiguous(memory_format=torch.channels_last).requires_grad_()
     assert "family KRKR" in explain_dispatch(x, "n (g k) h w -> n g", g=4)
 
 

@@ -26,7 +26,9 @@ CASES = [
     ("n c h w -> n c", {}, None, torch.float32, "group_norm"),
     ("n c h w -> n", {}, None, torch.float32, "group_norm"),
     ("b t d -> b t", {}, None, torch.float32, "layer_norm"),
-    ("n c h w -> n c", {}, CL, torch.float32, None),  # ATen would copy; Numba's KRK kernel
+    # channels-last instance norm: ATen for inference (as explained here, no gradient);
+    # with a gradient, Numba's KRK kernel (see the group-norm test below)
+    ("n c h w -> n c", {}, CL, torch.float32, "group_norm"),
     ("n c h w -> n h w", {}, None, torch.float32, None),  # LayerNorm2d on NCHW: Numba's KRK
     ("n c h w -> n h w", {}, CL, torch.float32, "layer_norm"),  # channels contiguous: rows
     ("n c h w -> n h w", {}, CL, torch.bfloat16, None),  # ATen's bf16 γ/β gradients: too coarse
@@ -162,3 +164,18 @@ def test_layernorm2d_on_channels_last_is_a_row_layer_norm_without_copies():
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     y.square().sum().backward(), expected.square().sum().backward()
     torch.testing.assert_close(x.grad, xt.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_group_norm_on_channels_last_takes_aten_for_inference_only():
+    x = make((16, 12, 7, 9), CL, torch.float32)
+    w = torch.randn(12)
+    with torch.no_grad():
+        choice = explain_dispatch(x, "n (g k) h w -> n g", weight=w, g=4)
+        assert choice == "cpu (aten): native_group_norm"
+        y = normlab.normalize(x, "n (g k) h w -> n g", weight=w, g=4)
+    assert y.is_contiguous(memory_format=CL)
+    with use_reference():
+        torch.testing.assert_close(y, normlab.normalize(x, "n (g k) h w -> n g", weight=w, g=4))
+    # With a gradient to compute, normlab's channels-last kernel (faster forward+backward).
+    x.requires_grad_()
+    assert "numba" in explain_dispatch(x, "n (g k) h w -> n g", weight=w, g=4)

@@ -113,19 +113,23 @@ def _trailing_affine(
 
 
 def group_norm(
-    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    inference: bool = False,
 ) -> Native | None:
     """Per sample and channel group on contiguous NCHW data: ``native_group_norm``.
 
     Covers ``n (g k) ... -> n g`` (group norm), ``n c ... -> n c`` (instance norm, G = C)
-    and ``n c ... -> n`` (layer norm over C and every position, G = 1).
+    and ``n c ... -> n`` (layer norm over C and every position, G = 1). On channels-last
+    data only for `inference` (no gradient): ATen's forward is faster there, normlab's
+    forward+backward much faster.
     """
-    if (
-        x.dim() < 3
-        or not x.is_contiguous()
-        or p.input_dims[0] != (0,)
-        or not _single_axes_after(p, 2)
-    ):
+    if x.dim() < 3 or p.input_dims[0] != (0,) or not _single_axes_after(p, 2):
+        return None
+    if not (x.is_contiguous() or (inference and _channels_last(x))):
         return None
     channel = p.input_dims[1]
     if len(channel) == 2 and p.kept == (0, channel[0]):
@@ -148,6 +152,11 @@ def group_norm(
         return y, *_stats(mean, rstd, eps, p, stats)
 
     return run
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
 
 
 def _single_axes_after(p: Plan, start: int) -> bool:
@@ -201,7 +210,9 @@ def choose(
         run = layer_norm(x, p, weight, bias, eps)
         if run is not None:
             return "layer_norm", run
-    run = group_norm(x, p, weight, bias, eps)
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    run = group_norm(x, p, weight, bias, eps, inference)
     if run is not None:
         return "group_norm", run
     run = batch_norm(x, p, weight, bias, eps)
