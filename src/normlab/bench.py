@@ -209,9 +209,9 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
     result["saved_normlab"] = _saved_bytes(mine, xg, params)
     pattern, sizes, center = _pattern_of(case)
     weight = getattr(ref, "weight", None)
-    result["path"] = explain_dispatch(x, pattern, weight=weight, center=center, **sizes).split(",")[
-        0
-    ]
+    with torch.no_grad():  # the forward's kernel (with a gradient another may serve)
+        path = explain_dispatch(x, pattern, weight=weight, center=center, **sizes)
+    result["path"] = path.split(",")[0]
     return result
 
 
