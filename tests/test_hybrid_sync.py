@@ -5,13 +5,11 @@ torch.distributed, exactly the layers they were."""
 import datetime
 import os
 import pickle
-import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import spawn
 from torch import nn
 
 import normlab
@@ -115,25 +113,7 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _worker,
-            args=(WORLD, os.path.join(tmp, "init"), tmp),
-            nprocs=WORLD,
-            join=False,
-            start_method="spawn",
-        )
-        deadline, start = 50, time.monotonic()
-        while not context.join(timeout=1):
-            if time.monotonic() - start > deadline:
-                for p in context.processes:
-                    p.terminate()
-                pytest.fail(f"{WORLD} gloo processes did not finish within {deadline} s")
-        out = []
-        for rank in range(WORLD):
-            with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-                out.append(pickle.load(f))
-        return out
+    return spawn(_worker, WORLD)
 
 
 def close(actual, expected, atol=1e-12):

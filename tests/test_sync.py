@@ -5,12 +5,11 @@ import copy
 import datetime
 import os
 import pickle
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import spawn
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -98,28 +97,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def _spawn(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _worker,
-            args=(world, os.path.join(tmp, "init"), tmp),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = 50
-        import time
-
-        start = time.monotonic()
-        while not context.join(timeout=1):
-            if time.monotonic() - start > deadline:
-                for p in context.processes:
-                    p.terminate()
-                pytest.fail(f"{world} gloo processes did not finish within {deadline} s")
-        results = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-        return results
+    return spawn(_worker, world)
 
 
 def _reference(layer, sizes, shape, seed, to_bn=lambda t: t, from_bn=lambda t: t):
