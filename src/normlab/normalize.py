@@ -12,6 +12,7 @@ import torch
 
 from normlab.errors import check_floating
 from normlab.kernels import dispatch
+from normlab.kernels.reference import Derive
 from normlab.moments import Moments, from_stats
 from normlab.pattern import Plan, plan
 
@@ -103,6 +104,33 @@ def normalize_with(
 ) -> torch.Tensor:
     """Normalize with given statistics of `p.kept_shape` (running estimates, say)."""
     return dispatch.normalize_with(x, p, p.to_stats(mean), p.to_stats(var), weight, bias, eps)
+
+
+def normalize_derived(
+    x: torch.Tensor,
+    p: Plan,
+    derive: Derive,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    inputs: tuple[torch.Tensor, ...] = (),
+    fast: bool = True,
+) -> tuple[torch.Tensor, Moments]:
+    """Normalize with statistics derived from the sets' own moments (hybrid norms).
+
+    ``(mean, rstd) = derive(set_mean, set_var, *inputs)``, all in `p.stats_shape`; the
+    output is (x − mean)·rstd·weight + bias, and the sets' own moments come back
+    (detached) for running estimates. Differentiable in x, weight, bias and `inputs`.
+
+    Example:
+        >>> p = plan("n c h w -> n c", (8, 4, 5, 5))  # instance moments...
+        >>> def as_batch_norm(mean, var):  # ...give batch norm's
+        ...     batch = from_stats(mean, var, p).reduce("n")
+        ...     rstd = torch.rsqrt(batch.var + 1e-5)
+        ...     return p.to_stats(batch.mean.expand(8, 4)), p.to_stats(rstd.expand(8, 4))
+        >>> y, instance = normalize_derived(torch.randn(8, 4, 5, 5), p, as_batch_norm)
+    """
+    y, mean, var = dispatch.normalize_derived(x, p, derive, weight, bias, tuple(inputs), fast)
+    return y, from_stats(mean.detach(), var.detach(), p)
 
 
 def normalize(

@@ -987,3 +987,36 @@ def split_tasks(
     chunks = np.linspace(0, ntasks, nchunks + 1).round().astype(np.int64)
     fused = bool((tasks[:, 1] == 0).all() and (tasks[:, 2] == B).all())
     return np.ascontiguousarray(tasks, dtype=np.int64), chunks, fused
+
+
+# The pieces of a two-pass call, for callers that compute something between them
+# (statistics derived from other statistics: the hybrid norms).
+
+
+def stats(x, shape, gs, tasks, chunks, mean, var, rstd, eps, mcol, rcol):
+    """Batch statistics only: per set (mean, var, rstd) and per column (mcol, rcol)."""
+    bf16 = x.dtype == np.uint16
+    ntasks, C = len(tasks), shape[2]
+    pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
+    _run(_partial_stats_bf16 if bf16 else _partial_stats, chunks, x, shape, True, tasks, pmean, pm2, pcount)  # fmt: skip
+    _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol)
+
+
+def grad_sums(x, gy, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, tasks, chunks, dw, db):
+    """Per set, spread over its columns: Σ w·gy and Σ w·gy·x̂ ((A, C) float64 each).
+
+    Also Σ gy·x̂ and Σ gy per affine entry, per chunk, into the rows of dw and db.
+    """
+    bf16 = x.dtype == np.uint16
+    A, _, C, _ = shape
+    psg, psgx = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
+    _run(_partial_grad_sums_bf16 if bf16 else _partial_grad_sums, chunks, x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, rows=(dw, db))  # fmt: skip
+    s1, s2 = np.zeros((A, C)), np.zeros((A, C))
+    _merge_grad_sums(tasks, psg, psgx, gs, 1.0, True, s1, s2)  # n = 1: sums, not means
+    return s1, s2
+
+
+def grad_input(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks, chunks):
+    """gx = rstd·(gy·w − k1 − x̂·k2) with per-column k1, k2 (A, C)."""
+    bf16 = x.dtype == np.uint16
+    _run(_grad_input_tasks_bf16 if bf16 else _grad_input_tasks, chunks, x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks)  # fmt: skip

@@ -239,3 +239,32 @@ def normalize_with(
     from normlab.kernels.gpu_function import GpuApplyFunction
 
     return GpuApplyFunction.apply(xin, weight, bias, p, mean, var, eps, what)
+
+
+def normalize_derived(
+    x: torch.Tensor,
+    p: Plan,
+    derive: reference.Derive,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    inputs: tuple[torch.Tensor, ...] = (),
+    fast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize with statistics derived from the sets' own: ``(y, mean, var)``.
+
+    ``(m, rstd) = derive(mean, var, *inputs)`` (`p.stats_shape`, differentiable); y =
+    (x − m)·rstd·weight + bias. The Numba path reads x once for the statistics and once
+    to normalize; ``fast=False`` keeps the reference path (a `derive` that talks to
+    other processes, whose backward must stay in autograd's order).
+    """
+    kind, what = ("reference", "asked for") if not fast else _choose(x, p, weight, bias)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "normalize_derived %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
+        )
+    if kind != "cpu":  # GPU hybrids: the reference path (no Triton kernel for these yet)
+        return reference.normalize_derived(x, p, derive, weight, bias, inputs)
+    from normlab.kernels.cpu_function import DerivedFunction
+
+    xin = x if _dense(x) else x.contiguous()
+    return DerivedFunction.apply(xin, weight, bias, p, derive, what, *inputs)
