@@ -3,7 +3,9 @@
     y = (ρ·x̂_BN + (1 − ρ)·x̂_IN)·γ + β,   ρ ∈ [0, 1] per channel (``gate``, init 1)
 
 x̂_BN uses the batch's statistics in training and the running estimates in eval
-(``n c ... -> c``); x̂_IN always uses the instance's own (``n c ... -> n c``).
+(``n c ... -> c``); x̂_IN always uses the instance's own (``n c ... -> n c``). The
+mixture is linear in x, so one statistics pass (instance moments, batch moments
+derived from them) and one normalizing pass compute it.
 With ``sync=True`` the batch statistics in training are those of every process of
 ``process_group`` (None: the default group); x̂_IN stays per sample. ρ is
 clamped inside forward, so a gate that an optimizer step pushed outside [0, 1] behaves
@@ -19,9 +21,10 @@ from torch import nn
 
 from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.tracked import TrackedNorm
-from normlab.normalize import normalize_plan
+from normlab.moments import Moments, from_stats
+from normlab.normalize import normalize_derived
 from normlab.pattern import plan
-from normlab.sync import normalize_synchronized, synchronizing
+from normlab.sync import group_moments, synchronizing
 
 
 class BatchInstanceNorm(TrackedNorm):
@@ -80,25 +83,38 @@ class BatchInstanceNorm(TrackedNorm):
                 f"{describe(self)}: expected input of at least 3 dims (N, C, positions...), "
                 f"got shape {tuple(x.shape)}"
             )
-        batch_pattern, instance_pattern = self.patterns()
-        bp, ip = plan(batch_pattern, x.shape), plan(instance_pattern, x.shape)
+        ip = plan(self.patterns()[1], x.shape)
         if self.training and ip.set_size <= 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 spatial element when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        if synchronizing(self):
-            x_bn = normalize_synchronized(self, x, bp, None, None)
-        else:
-            x_bn = self._forward_tracked(x, bp, bp, None, None)
-        x_in = normalize_plan(x, ip, None, None, self.eps)
-        rho = channel_view(self.gate.clamp(0, 1), x.dim(), axis)
-        y = x_in + rho * (x_bn - x_in)
-        if self.weight is not None:
-            y = y * channel_view(self.weight, x.dim(), axis) + channel_view(
-                self.bias, x.dim(), axis
-            )
-        return y.to(x.dtype)  # the gate and affine may be wider than a half-precision input
+        use_batch, synced = self._uses_batch_stats(), synchronizing(self)
+        tracked: list[Moments] = []  # the batch moments normalized with, for the buffers
+
+        def derive(mean, var, gate):  # noqa: ANN001, ANN202
+            # ρ·x̂_BN + (1 − ρ)·x̂_IN is linear in x: (x − m)·r with the r and m below
+            inst = from_stats(mean, var, ip)
+            if use_batch:
+                batch = inst.reduce("n")
+                batch = group_moments(self, batch, x) if synced else batch
+                tracked.append(batch)
+                bn_mean, bn_var = batch.mean, batch.var
+            else:
+                bn_mean, bn_var = self.running_mean, self.running_var
+            r_in, r_bn = torch.rsqrt(inst.var + self.eps), torch.rsqrt(bn_var + self.eps)
+            rho = gate.clamp(0, 1)
+            r = rho * r_bn + (1 - rho) * r_in
+            m = (rho * r_bn * bn_mean + (1 - rho) * r_in * inst.mean) / r
+            return ip.to_stats(m), ip.to_stats(r)
+
+        weight = channel_view(self.weight, x.dim(), axis)
+        bias = channel_view(self.bias, x.dim(), axis)
+        # one statistics pass, the mixture on O(N·C) numbers, one normalizing pass
+        y, _ = normalize_derived(x, ip, derive, weight, bias, (self.gate,), fast=not synced)
+        if tracked and self.training and self.track_running_stats:
+            self._update_running(tracked[0].mean.detach(), tracked[0].unbiased_var().detach())
+        return y
 
 
 @torch.no_grad()

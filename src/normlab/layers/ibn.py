@@ -3,7 +3,8 @@
 IBN-a (:class:`IBN`) normalizes the first ``int(planes·ratio)`` channels with an affine
 instance norm (no running statistics) and the remaining channels with batch norm; the
 submodules are named ``IN`` and ``BN`` so checkpoints of the official release load
-(``IN.weight``, ``BN.running_mean``, ...). The channels are split by explicit sizes,
+(``IN.weight``, ``BN.running_mean``, ...). While both are the plain layers built here,
+one statistics pass and one normalizing pass serve both halves (no split, no concatenation). The channels are split by explicit sizes,
 so odd ``planes`` and any ratio in (0, 1) work (the release's chunked split does not).
 With ``sync=True`` the ``BN`` half is a :class:`~normlab.SyncBatchNorm` over
 ``process_group`` (None: the default group); the IN half is per sample.
@@ -19,10 +20,13 @@ import torch
 from torch import nn
 
 from normlab.layers.batchnorm import BatchNorm
-from normlab.layers.checks import check_channel_axis, check_input, describe
+from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
 from normlab.layers.instancenorm import InstanceNorm
 from normlab.layers.tracked import check_positive_int
-from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync
+from normlab.moments import Moments, from_stats
+from normlab.normalize import normalize_derived
+from normlab.pattern import Plan, plan
+from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync, synchronizing
 
 
 def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
@@ -80,8 +84,55 @@ class IBN(nn.Module):
                 f"{describe(self)}: expected input of at least 3 dims (N, C, positions...), "
                 f"got shape {tuple(x.shape)}"
             )
-        first, rest = torch.split(x, [self.half, self.planes - self.half], dim=axis)
-        return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
+        p = plan("n c ... -> n c" if axis == 1 else "n ... c -> n c", x.shape)
+        if not self._one_pass(x, p):
+            first, rest = torch.split(x, [self.half, self.planes - self.half], dim=axis)
+            return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
+        half, bn = self.half, self.BN
+        use_batch = bn._uses_batch_stats()
+        tracked: list[Moments] = []  # the BN half's batch moments, for its buffers
+
+        def derive(mean, var):  # noqa: ANN001, ANN202
+            # IN's statistics for the first channels, BN's (from the same instance
+            # moments, by Chan's formula) for the rest
+            inst = from_stats(mean, var, p)
+            if use_batch:
+                rest = Moments(*(t[:, half:] for t in (inst.mean, inst.var, inst.count)), inst.axes)
+                batch = rest.reduce("n")
+                tracked.append(batch)
+                bn_mean, bn_var = batch.mean, batch.var
+            else:
+                bn_mean, bn_var = bn.running_mean, bn.running_var
+            n = inst.mean.shape[0]
+            m = torch.cat([inst.mean[:, :half], bn_mean.expand(n, -1).to(inst.mean.dtype)], 1)
+            r_in = torch.rsqrt(inst.var[:, :half] + self.IN.eps)
+            r_bn = torch.rsqrt(bn_var + bn.eps).expand(n, -1).to(r_in.dtype)
+            return p.to_stats(m), p.to_stats(torch.cat([r_in, r_bn], 1))
+
+        weight = channel_view(torch.cat([self.IN.weight, bn.weight]), x.dim(), axis)
+        bias = channel_view(torch.cat([self.IN.bias, bn.bias]), x.dim(), axis)
+        y, _ = normalize_derived(x, p, derive, weight, bias)
+        if tracked and bn.training and bn.track_running_stats:
+            bn._update_running(tracked[0].mean.detach(), tracked[0].unbiased_var().detach())
+        return y
+
+    def _one_pass(self, x: torch.Tensor, p: Plan) -> bool:
+        """Whether both halves are the plain layers built here (not converted or frozen
+        since; synchronized only when not synchronizing now) and the input is valid for
+        both: then one pass serves them."""
+        IN, BN = self.IN, self.BN  # noqa: N806
+        return (
+            type(IN) is InstanceNorm
+            and (type(BN) is BatchNorm or (type(BN) is SyncBatchNorm and not synchronizing(BN)))
+            and IN.affine
+            and not IN.track_running_stats
+            and BN.affine
+            and BN.bias is not None
+            and IN.bias is not None
+            and IN.channel_axis == BN.channel_axis
+            and IN.weight.dtype == BN.weight.dtype
+            and p.set_size > 1
+        )
 
     @property
     def sync(self) -> bool:

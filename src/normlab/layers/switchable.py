@@ -6,7 +6,7 @@
 The instance-norm moments are computed once (pattern ``n c ... -> n c``); the
 layer-norm and batch-norm moments follow from them with Chan's formula
 (``Moments.reduce("c")`` and ``Moments.reduce("n")``), so one pass over the data
-serves all three. ``variance="release"`` (default) uses the *unbiased* instance
+serves all three, and a second one normalizes (:func:`~normlab.normalize.normalize_derived`). ``variance="release"`` (default) uses the *unbiased* instance
 variance everywhere, as the official release does (so its weights behave the same);
 ``variance="paper"`` uses the biased one, which makes each term the exact IN, LN
 and BN statistic.
@@ -33,7 +33,7 @@ from torch import nn
 from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, batch_stats, from_stats
-from normlab.normalize import normalize_with
+from normlab.normalize import normalize_derived
 from normlab.pattern import plan
 from normlab.sync import group_moments, synchronizing
 
@@ -108,7 +108,9 @@ class SwitchableNorm(TrackedNorm):
         variance) or the paper's (biased, exact) according to ``variance``.
         """
         p = plan(self.pattern(), x.shape)
-        inst = from_stats(*batch_stats(x, p), p)
+        return self._terms(from_stats(*batch_stats(x, p), p))
+
+    def _terms(self, inst: Moments) -> tuple[Moments, Moments, Moments]:
         if self.variance == "release":
             inst = Moments(inst.mean, inst.unbiased_var(), inst.count, inst.axes)
         return inst, inst.reduce("c"), inst.reduce("n")
@@ -127,26 +129,36 @@ class SwitchableNorm(TrackedNorm):
                 f"{describe(self)}: expected more than 1 spatial element when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        inst, layer, batch = self.moments(x)
-        means = [inst.mean, layer.mean[:, None]]
-        variances = [inst.var, layer.var[:, None]]
-        if self.using_bn:
-            if self.training:
-                if synchronizing(self):
-                    batch = group_moments(self, batch, x)
-                self._track(batch)
-                bn_mean, bn_var = batch.mean, batch.var
-            else:
-                bn_mean, bn_var = self.running_mean, self.running_var
-            means.append(bn_mean[None, :])
-            variances.append(bn_var[None, :])
-        w_mean = torch.softmax(self.mean_weight, 0)
-        w_var = torch.softmax(self.var_weight, 0)
-        mean = sum(w * m for w, m in zip(w_mean, means, strict=True))
-        var = sum(w * v for w, v in zip(w_var, variances, strict=True))
+        synced = synchronizing(self)
+        tracked: list[Moments] = []  # the batch moments normalized with, for the buffers
+
+        def derive(mean, var, mean_weight, var_weight):  # noqa: ANN001, ANN202
+            inst, layer, batch = self._terms(from_stats(mean, var, p))
+            means = [inst.mean, layer.mean[:, None]]
+            variances = [inst.var, layer.var[:, None]]
+            if self.using_bn:
+                if self.training:
+                    batch = group_moments(self, batch, x) if synced else batch
+                    tracked.append(batch)
+                    bn_mean, bn_var = batch.mean, batch.var
+                else:
+                    bn_mean, bn_var = self.running_mean, self.running_var
+                means.append(bn_mean[None, :])
+                variances.append(bn_var[None, :])
+            w_mean = torch.softmax(mean_weight, 0)
+            w_var = torch.softmax(var_weight, 0)
+            mix_mean = sum(w * m for w, m in zip(w_mean, means, strict=True))
+            mix_var = sum(w * v for w, v in zip(w_var, variances, strict=True))
+            return p.to_stats(mix_mean), p.to_stats(torch.rsqrt(mix_var + self.eps))
+
         weight = channel_view(self.weight, x.dim(), axis)
         bias = channel_view(self.bias, x.dim(), axis)
-        return normalize_with(x, p, mean, var, weight, bias, self.eps)
+        inputs = (self.mean_weight, self.var_weight)
+        # one statistics pass, the mixture on O(N·C) numbers, one normalizing pass
+        y, _ = normalize_derived(x, p, derive, weight, bias, inputs, fast=not synced)
+        if tracked:
+            self._track(tracked[0])
+        return y
 
     def _track(self, batch: Moments) -> None:
         # The buffer keeps what eval normalizes with: the paper's biased variance made
