@@ -1,8 +1,9 @@
 """GPU kernels (Triton) on the canonical ``(A, B, C, D)`` form.
 
-UNTESTED HERE: written without a GPU; the dispatcher sends only CUDA tensors to them,
-and only when triton imports. ``tests/test_gpu_kernels.py`` checks them against the
-reference path on a machine that has both.
+Checked against the reference path under Triton's interpreter on the CPU
+(``tests/test_gpu_interpreter.py``) and, on a machine with a CUDA device, compiled
+(``tests/test_gpu_kernels.py``). The dispatcher sends only CUDA tensors to them, and
+only when triton imports.
 
 One program per set ``(a, c)``: the set's ``B·D`` elements are visited in blocks of
 ``BLOCK`` (element ``(b, d)`` at ``((a·B + b)·C + c)·D + d``), so every family is

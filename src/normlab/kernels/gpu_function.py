@@ -1,6 +1,6 @@
 """Autograd Functions over the Triton kernels (CUDA tensors; float32, bfloat16, float16).
 
-UNTESTED HERE (no GPU where it was written): see ``gpu.py``. Same contract as the CPU
+Checked under Triton's interpreter on the CPU (see ``gpu.py``). Same contract as the CPU
 path: saved for backward are the input and (mean, 1/std) per set; double backward
 recomputes through the reference path.
 """
