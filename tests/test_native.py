@@ -30,7 +30,9 @@ CASES = [
     ("n c h w -> n c", {}, CL, torch.float32, None),
     ("n c h w -> n h w", {}, None, torch.float32, None),  # LayerNorm2d on NCHW: Numba's KRK
     ("n c h w -> n h w", {}, CL, torch.float32, "layer_norm"),  # channels contiguous: rows
-    ("n c h w -> n h w", {}, CL, torch.bfloat16, None),  # ATen's bf16 γ/β gradients: too coarse
+    # half precision with an affine: ATen's forward, normlab's backward (ATen's bf16 γ/β
+    # gradients are too coarse)
+    ("n c h w -> n h w", {}, CL, torch.bfloat16, "layer_norm_forward"),
 ]
 
 
@@ -66,7 +68,10 @@ def test_native_choice_and_exactness(pattern, sizes, fmt, dtype, kernel):
     if kernel is None:
         assert "aten" not in choice
         return
-    assert choice == f"cpu (aten): native_{kernel}", choice
+    if kernel == "layer_norm_forward":
+        assert choice == "cpu (aten forward, numba backward): native_layer_norm", choice
+    else:
+        assert choice == f"cpu (aten): native_{kernel}", choice
     xs = [x.detach().clone().requires_grad_() for _ in range(2)]
     ws = [w.detach().clone().requires_grad_() for _ in range(2)] if w is not None else [None, None]
     outs = []
@@ -84,6 +89,30 @@ def test_native_choice_and_exactness(pattern, sizes, fmt, dtype, kernel):
     torch.testing.assert_close(xs[0].grad.float(), xs[1].grad.float(), **tol)
     if w is not None:
         torch.testing.assert_close(ws[0].grad, ws[1].grad, atol=tol["atol"] * 10, rtol=tol["rtol"])
+
+
+def test_half_precision_layer_norm_with_affine_takes_the_numba_backward():
+    """bf16 LayerNorm over the last dim: ATen's forward, normlab's γ/β gradients (float32 sums)."""
+    x = make((64, 24, 96), None, torch.bfloat16)
+    layers = [normlab.LayerNorm(96).to(torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(1 + torch.linspace(-0.5, 0.5, 96))
+            layer.bias.copy_(torch.linspace(-0.3, 0.3, 96))
+    w = layers[0].weight.reshape(-1)
+    assert "aten forward, numba backward" in explain_dispatch(x, "b t d -> b t", weight=w)
+    g = make((64, 24, 96), None, torch.bfloat16)
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    for forced, layer, xi in zip([False, True], layers, xs, strict=True):
+        with use_reference(forced):
+            layer(xi).backward(g)
+    x64 = x.double().requires_grad_()
+    w64, b64 = (t.detach().double().requires_grad_() for t in (layers[0].weight, layers[0].bias))
+    torch.nn.functional.layer_norm(x64, (96,), w64, b64, 1e-5).backward(g.double())
+    for layer in layers:  # both paths' parameter gradients against float64
+        torch.testing.assert_close(layer.weight.grad.double(), w64.grad, atol=2.0, rtol=2e-2)
+        torch.testing.assert_close(layer.bias.grad.double(), b64.grad, atol=2.0, rtol=2e-2)
+    torch.testing.assert_close(xs[0].grad.double(), x64.grad, atol=5e-2, rtol=5e-2)
 
 
 def test_large_mean_through_native_kernels():

@@ -186,27 +186,33 @@ class BatchNormFunction(torch.autograd.Function):
     """(y, mean, var) = normalize with batch statistics; mean and var are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p, eps, center, prep):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, p, eps, center, prep, native=None):  # noqa: ANN001, ANN205
+        """`native`: ATen's thunk for the forward (the backward stays this kernel's)."""
         from normlab.kernels import cpu
 
-        xc = _kernel_input(x)
-        yc = torch.empty_like(xc)
         c = prep.canon
-        mean = np.empty((c.shape[0], c.shape[2]))
-        var = np.empty_like(mean)
-        rstd = np.empty_like(mean)
-        cpu.forward(
-            _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
-            prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
-            prep.tasks, prep.chunks, prep.fused,
-        )  # fmt: skip
-        y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
-        # numpy casts: O(#sets) work that should not wake torch's thread pool
-        np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
-        mean, var, rstd = (torch.from_numpy(t.astype(np_dtype)) for t in (mean, var, rstd))
+        if native is not None:
+            y, m, v = native(True)
+            mean = stats_from_plan(m, p, c)
+            rstd = torch.rsqrt(stats_from_plan(v.double(), p, c) + eps).to(mean.dtype)
+        else:
+            xc = _kernel_input(x)
+            yc = torch.empty_like(xc)
+            mean = np.empty((c.shape[0], c.shape[2]))
+            var = np.empty_like(mean)
+            rstd = np.empty_like(mean)
+            cpu.forward(
+                _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
+                prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
+                prep.tasks, prep.chunks, prep.fused,
+            )  # fmt: skip
+            y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
+            # numpy casts: O(#sets) work that should not wake torch's thread pool
+            np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+            mean, var, rstd = (torch.from_numpy(t.astype(np_dtype)) for t in (mean, var, rstd))
+            m, v = stats_to_plan(mean, p, c), stats_to_plan(var, p, c)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.args = (p, eps, center, prep)
-        m, v = stats_to_plan(mean, p, c), stats_to_plan(var, p, c)
         ctx.mark_non_differentiable(m, v)
         return y, m, v
 
@@ -219,15 +225,11 @@ class BatchNormFunction(torch.autograd.Function):
             def again(x, w, b):  # noqa: ANN001, ANN202
                 return reference.normalize_batch(x, p, w, b, eps, center)[0]
 
-            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
+            grads = _through_reference(again, (x, weight, bias), gy, ctx)
+            return (*grads, None, None, None, None, None)
         mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))  # per column
-        return (
-            *_backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center),
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = _backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center)
+        return (*grads, None, None, None, None, None)
 
 
 class ApplyFunction(torch.autograd.Function):

@@ -102,7 +102,8 @@ def _choose(
     stats_grad: bool = False,
     batch: tuple[float, bool] | None = None,
 ) -> tuple[str, object]:
-    """("cpu" | "gpu", prepared), ("native", (name, thunk)) or ("reference", reason).
+    """("cpu" | "gpu", prepared), ("native", (name, thunk)), ("native+cpu", (thunk,
+    prepared)): ATen's forward and the Numba backward, or ("reference", reason).
 
     `batch` is ``(eps, center)`` for a call that computes its own statistics, the only
     kind ATen's fused kernels serve.
@@ -123,7 +124,7 @@ def _choose(
     if x.device.type == "cpu":
         use_native = batch is not None and _global["native"]
         chosen = native.choose(x, p, weight, bias, *batch) if use_native else None
-        if chosen is not None:
+        if chosen is not None and chosen[0] != native.FORWARD_ONLY:
             return "native", chosen
         if not available("numba"):
             return "reference", "numba is not installed"
@@ -133,7 +134,9 @@ def _choose(
             if any(t is not None and t.dim() > x.dim() for t in (weight, bias)):
                 return "reference", "weight/bias of higher rank than the input"
         prep = prepare(x if _dense(x) else x.contiguous(), p, weight, bias)
-        return ("reference", prep) if isinstance(prep, str) else ("cpu", prep)
+        if isinstance(prep, str):
+            return "reference", prep
+        return ("cpu", prep) if chosen is None else ("native+cpu", (chosen[1], prep))
     if x.device.type == "cuda":
         if not available("triton"):
             return "reference", "triton is not installed"
@@ -155,6 +158,8 @@ def _describe(kind: str, what: object) -> str:
         return f"reference: {what}"
     if kind == "native":
         return f"cpu (aten): native_{what[0]}"  # type: ignore[index]
+    if kind == "native+cpu":
+        return "cpu (aten forward, numba backward): native_layer_norm"
     c = what.canon  # type: ignore[attr-defined]
     engine = "numba" if kind == "cpu" else "triton"
     return f"{kind} ({engine}): family {c.family}, canonical (A, B, C, D) = {c.shape}"
@@ -205,6 +210,11 @@ def normalize_batch(
         return reference.normalize_batch(x, p, weight, bias, eps, center)
     if kind == "native":
         return what[1](stats)  # type: ignore[index]
+    if kind == "native+cpu":
+        from normlab.kernels.cpu_function import BatchNormFunction
+
+        run, prep = what  # type: ignore[misc]
+        return BatchNormFunction.apply(x, weight, bias, p, eps, center, prep, run)
     xin = x if _dense(x) else x.contiguous()
     if kind == "cpu":
         from normlab.kernels.cpu_function import BatchNormFunction

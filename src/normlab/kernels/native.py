@@ -20,6 +20,9 @@ from normlab.pattern import Plan
 # A prepared call: run(stats) -> (y, mean, var), the statistics None unless `stats`.
 Native = Callable[[bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
+#: The choice whose backward normlab's own kernel computes (ATen's forward only).
+FORWARD_ONLY = "layer_norm_forward"
+
 
 def _single_axes(p: Plan) -> bool:
     return all(len(members) == 1 for members in p.input_dims)
@@ -208,12 +211,13 @@ def choose(
     if not center or x.device.type != "cpu" or not _mixed_ok(x, weight, bias):
         return None
     half = x.dtype in (torch.bfloat16, torch.float16)
-    # ATen's half-precision layer norm accumulates γ and β gradients too coarsely (9% off
-    # the float32 sums in a test here): with an affine, half inputs keep normlab's kernel.
-    if not (half and (weight is not None or bias is not None)):
-        run = layer_norm(x, p, weight, bias, eps)
-        if run is not None:
-            return "layer_norm", run
+    run = layer_norm(x, p, weight, bias, eps)
+    if run is not None:
+        # ATen's half-precision layer norm accumulates γ and β gradients too coarsely (9%
+        # off the float32 sums in a test here): with an affine, its forward is used and
+        # normlab's kernel computes the backward.
+        affine = weight is not None or bias is not None
+        return (FORWARD_ONLY if half and affine else "layer_norm"), run
     tensors = [t for t in (x, weight, bias) if t is not None]
     inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     run = group_norm(x, p, weight, bias, eps, inference)
