@@ -121,20 +121,3 @@ def test_explain_dispatch_rejects_bad_input():
         explain_dispatch(torch.randn(BIG), "n c h -> c")
     with pytest.raises(ValueError, match="channels"):
         explain_dispatch(torch.randn(BIG), "n c h w -> c", weight=torch.ones(3))
-
-
-def test_bench_table_and_its_errors():
-    import argparse
-
-    from normlab import bench
-
-    names = [c.name for c in bench.cases()]
-    assert "bn 32x64x56x56 nchw fp32" in names and "ln 16x512x768 btd bf16" in names
-    assert {c.kind for c in bench.cases()} == set(bench.KINDS)
-    assert all(c.dtype == "fp32" for c in bench.cases(quick=True))
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    with pytest.raises(ValueError, match="no case matches"):
-        bench.run(parser.parse_args(["--cases", "no-such-case"]))
-    with pytest.raises(ValueError, match="--threads"):
-        bench.run(parser.parse_args(["--threads", "0"]))

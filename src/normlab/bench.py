@@ -6,6 +6,11 @@ counterpart and normlab, interleaved (one repetition of each in turn, each timed
 preceded by an untimed one) in one run, and reports medians as ratios: normlab/copy,
 torch/copy, normlab/torch, forward and forward+backward.
 
+For the hybrids (``ibn``: IBN-a, ``bin``: Batch-Instance, ``sn``: Switchable) torch.nn
+has no counterpart: the "torch" columns time the official release's composition in
+plain torch (:mod:`normlab.releases`), with the layer's own parameter values, and the
+path column lists the dispatcher's choices during the layer's forward.
+
 Memory: "saved" is the bytes of tensors autograd keeps for backward beyond the input
 and the parameters (found with saved-tensor hooks, counted once per storage). Temporary
 memory inside the forward is not measured.
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 
 CNN_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14))
 TRANSFORMER_SHAPE = (16, 512, 768)
-KINDS = ("bn", "in", "ln", "gn", "rms", "ln2d")
+HYBRIDS = ("ibn", "bin", "sn")
+KINDS = ("bn", "in", "ln", "gn", "rms", "ln2d", *HYBRIDS)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,8 @@ class Case:
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """The fixed table: ResNet-stage shapes in both layouts, a transformer LayerNorm shape."""
+    """The fixed table: ResNet-stage shapes in both layouts (every kind, hybrids included),
+    a transformer shape for LayerNorm and RMSNorm."""
     out = []
     dtypes = ("fp32",) if quick else ("fp32", "bf16")
     shapes = CNN_SHAPES[:1] if quick else CNN_SHAPES
@@ -67,6 +74,11 @@ def _modules(case: Case):  # noqa: ANN202
         pattern, sizes, center = "... d -> ...", {}, case.kind == "ln"
         return ref, _functional(ref, pattern, sizes, center)
     c, h, w = shape[1:]
+    if case.kind in HYBRIDS:  # the release's composition, with the layer's parameter values
+        from normlab.releases import release_of
+
+        layer = _layer(case, c, h, w)
+        return release_of(layer), layer
     if case.kind == "bn":
         ref = torch.nn.BatchNorm2d(c)
         pattern, sizes, center = "n c h w -> c", {}, True
@@ -107,6 +119,9 @@ def _layer(case: Case, c: int, h: int, w: int):  # noqa: ANN202
         "gn": ("GroupNorm", (32, c), {}),
         "rms": ("RMSNorm", ([c, h, w],), {"eps": 1e-5}),
         "ln2d": ("LayerNorm2d", (c,), {}),
+        "ibn": ("IBN", (c,), {}),  # IBN-a, ratio 0.5
+        "bin": ("BatchInstanceNorm", (c,), {}),
+        "sn": ("SwitchableNorm", (c,), {}),
     }
     name, args, kwargs = makers[case.kind]
     cls = getattr(normlab, name, None)
@@ -207,12 +222,48 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
     result: dict[str, float | str] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     result["saved_torch"] = _saved_bytes(ref, xg, params)
     result["saved_normlab"] = _saved_bytes(mine, xg, params)
-    pattern, sizes, center = _pattern_of(case)
-    weight = getattr(ref, "weight", None)
     with torch.no_grad():  # the forward's kernel (with a gradient another may serve)
-        path = explain_dispatch(x, pattern, weight=weight, center=center, **sizes)
-    result["path"] = path.split(",")[0]
+        if case.kind in HYBRIDS:
+            result["path"] = _dispatched(mine, x)
+        else:
+            pattern, sizes, center = _pattern_of(case)
+            weight = getattr(ref, "weight", None)
+            path = explain_dispatch(x, pattern, weight=weight, center=center, **sizes)
+            result["path"] = path.split(",")[0]
     return result
+
+
+def _dispatched(fn: Callable, x) -> str:  # noqa: ANN001
+    """The dispatcher's choices during ``fn(x)``, read from the ``normlab.kernels`` log.
+
+    A hybrid layer makes several normalizations (its IN and BN parts, or statistics
+    then one application); each logged call becomes "pattern: path", in order, once.
+    """
+    import logging
+
+    calls: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            # "normalize_batch n c ... -> n c (32, 32, 56, 56): cpu (aten): native_..."
+            head, _, path = record.getMessage().partition(": ")
+            pattern = head.split(" ", 1)[-1].rsplit(" (", 1)[0]
+            call = f"{pattern}: {path.split(',')[0]}" if path else head
+            if call not in calls:
+                calls.append(call)
+
+    log = logging.getLogger("normlab.kernels")
+    handler, level, propagate = Collect(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # the records are for this table, not the user's handlers
+    try:
+        fn(x)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    return "; ".join(calls) if calls else "no dispatcher call (the layer's own torch ops)"
 
 
 class _nothing:
@@ -267,12 +318,23 @@ def row(case: Case, r: dict) -> list[str]:
     ]
 
 
+def matches(case: Case, wanted: str) -> bool:
+    """Whether ``--cases`` text picks the case: a kind by its name alone ("bn" is not
+    "ibn", "ln" not "ln2d"), other text anywhere in the case's name."""
+    if wanted in KINDS:
+        return case.kind == wanted
+    return wanted in case.name
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `normlab bench`."""
     parser.add_argument("--quick", action="store_true", help="one shape, fp32, fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch/numba threads")
     parser.add_argument(
-        "--cases", default="", help="comma-separated substrings; run the cases whose name has one"
+        "--cases",
+        default="",
+        help="comma-separated; a kind (bn, ibn, ln, ...) picks that kind's rows, other text "
+        "the rows whose name contains it (cl, bf16, 14x14)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     parser.add_argument("--format", choices=("text", "md"), default="text")
@@ -287,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"bench: expected --threads >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-    chosen = [c for c in cases(args.quick) if not wanted or any(w in c.name for w in wanted)]
+    chosen = [c for c in cases(args.quick) if not wanted or any(matches(c, w) for w in wanted)]
     if not chosen:
         raise ValueError(f"bench: no case matches --cases {args.cases!r}; e.g. 'gn', 'cl', 'bf16'")
     repeats = args.repeats or (5 if args.quick else 11)
