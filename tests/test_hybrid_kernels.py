@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import normlab
-from normlab.kernels import cpu_function, dispatch, use_reference
+from normlab.kernels import cpu_function, derived, dispatch, use_reference
 from normlab.moments import from_stats
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
@@ -23,13 +23,13 @@ def small_tensors_take_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_function, "threads", lambda: 3)
     cpu_function._layout.cache_clear()
     calls = []
-    original = cpu_function.DerivedFunction.apply
+    original = derived.DerivedFunction.apply
 
     def counted(*args):
         calls.append(args[3].pattern.text)
         return original(*args)
 
-    monkeypatch.setattr(cpu_function.DerivedFunction, "apply", counted)
+    monkeypatch.setattr(derived.DerivedFunction, "apply", counted)
     yield calls
     cpu_function._layout.cache_clear()
 

@@ -123,6 +123,37 @@ def float64_is_refused_with_a_reason():
     assert "float64" in gpu_function.prepare_gpu(x, plan("n c h w -> c", x.shape), None, None)
 
 
+def derived_statistics(channels_last):
+    """A Batch-Instance mixture on the split kernels (moments, normalize, sums, input grad)."""
+    from normlab.kernels.derived import DerivedFunction
+    from normlab.moments import from_stats
+
+    x = _input((4, 5, 6, 7), channels_last)
+    p, w, b, wv, bv, prep = _prepare(x, "n c h w -> n c", {})
+    gate = torch.linspace(0.1, 0.9, 5, requires_grad=True)
+
+    def derive(mean, var, gate):
+        inst = from_stats(mean, var, p)
+        batch = inst.reduce("n")
+        r_in, r_bn = torch.rsqrt(inst.var + 1e-5), torch.rsqrt(batch.var + 1e-5)
+        r = gate * r_bn + (1 - gate) * r_in
+        m = (gate * r_bn * batch.mean + (1 - gate) * r_in * inst.mean) / r
+        return p.to_stats(m), p.to_stats(r)
+
+    xf = x.clone().requires_grad_()
+    passes = gpu_function.TritonPasses(prep)
+    y, mean, var = DerivedFunction.apply(xf, wv, bv, p, derive, passes, gate)
+    xr = x.double().requires_grad_()
+    yr, mean_r, var_r = reference.normalize_derived(
+        xr, p, derive, wv.double(), bv.double(), (gate,)
+    )
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y.double(), yr, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mean.double(), mean_r, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(var.double(), var_r, atol=1e-3, rtol=1e-4)
+    _check_grads(y, yr, (xf, w, b, gate), (xr, w, b, gate), 1e-4)
+
+
 def checks() -> dict:
     """Every check by name: the kernels on every case, both centerings, then the rest."""
     out = {}
@@ -134,6 +165,8 @@ def checks() -> dict:
     for fn in (bfloat16_and_no_affine, double_backward_through_the_reference_path,
                float64_is_refused_with_a_reason):  # fmt: skip
         out[fn.__name__] = (fn, ())
+    for channels_last in (False, True):
+        out[f"derived-{'cl' if channels_last else 'nchw'}"] = (derived_statistics, (channels_last,))
     return out
 
 

@@ -280,14 +280,9 @@ class ApplyFunction(torch.autograd.Function):
         )
 
 
-def _through_reference(fn, inputs, gy, ctx, skip=0):  # noqa: ANN001, ANN202
-    """Gradients of fn(*inputs) with a graph (double backward), for the inputs that need one.
-
-    inputs are (x, weight, bias, *rest); `skip` arguments of forward sit between bias
-    and the rest.
-    """
-    rest = len(inputs) - 3
-    needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[3 + skip : 3 + skip + rest]
+def _through_reference(fn, inputs, gy, ctx):  # noqa: ANN001, ANN202
+    """Gradients of fn(x, weight, bias) with a graph (double backward)."""
+    needs = ctx.needs_input_grad[:3]
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
     grads = iter(torch.autograd.grad(fn(*inputs), wanted, gy, create_graph=True))
     return tuple(
@@ -330,17 +325,21 @@ def _affine_rows(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
     return (np.zeros((nchunks, len(prep.w)), prep.w.dtype) for _ in range(2))
 
 
+def _summed(rows: np.ndarray, prep: Prepared) -> torch.Tensor:
+    """Per-chunk rows of partial affine sums → one float64 sum per parameter entry."""
+    total = rows.sum(0, dtype=np.float64)
+    if prep.remap is not None:  # back from the gathered order
+        total = _scatter(total, prep.remap, int(prep.remap.max()) + 1)
+    return torch.from_numpy(total)
+
+
 def _affine_grads(ctx, weight, bias, dw, db, prep):  # noqa: ANN001, ANN202
     """The weight and bias gradients from the kernels' per-chunk rows of partial sums."""
     gw = gb = None
-    dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
-    if prep.remap is not None:  # back from the gathered order
-        size = (weight if weight is not None else bias).numel()
-        dw, db = _scatter(dw, prep.remap, size), _scatter(db, prep.remap, size)
     if weight is not None and ctx.needs_input_grad[1]:
-        gw = torch.from_numpy(dw).to(weight.dtype).reshape(weight.shape)
+        gw = _summed(dw, prep).to(weight.dtype).reshape(weight.shape)
     if bias is not None and ctx.needs_input_grad[2]:
-        gb = torch.from_numpy(db).to(bias.dtype).reshape(bias.shape)
+        gb = _summed(db, prep).to(bias.dtype).reshape(bias.shape)
     return gw, gb
 
 
@@ -349,131 +348,76 @@ def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(index, weights=values, minlength=size)
 
 
-class DerivedFunction(torch.autograd.Function):
-    """y = (x − m)·r·weight + bias with ``(m, r) = derive(mean, var, *inputs)``.
+@dataclass(frozen=True)
+class NumbaPasses:
+    """The Numba kernels' passes for statistics derived between them (``derived.Passes``)."""
 
-    `mean`, `var` are the sets' own moments and `derive` any differentiable function of
-    them (hybrid norms mix instance, layer and batch moments, all derived from the
-    instance ones). Forward: one statistics pass, `derive` on O(#sets) numbers, one
-    normalizing pass. Backward: one pass for Σ w·gy and Σ w·gy·x̂ per set, autograd
-    through `derive` on O(#sets) numbers, one pass for gx. Returns ``(y, mean, var)``.
-    """
+    prep: Prepared
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, derive, prep, *inputs):  # noqa: ANN001, ANN205
+    @property
+    def canon(self) -> Canonical:
+        return self.prep.canon
+
+    def _columns(self, t: torch.Tensor) -> np.ndarray:
+        # per set (A, C) → per kernel column (a set spans gs columns when folded)
+        return t.repeat_interleave(self.prep.gs, 1).contiguous().numpy()
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from normlab.kernels import cpu
 
-        xc = _kernel_input(x)
-        c = prep.canon
-        sdtype = stats_dtype(xc.dtype)
-        cdtype = np.float64 if sdtype == torch.float64 else np.float32
-        A, C = c.shape[0], c.shape[2]
+        prep, xc = self.prep, _kernel_input(x)
+        A, C = prep.canon.shape[0], prep.canon.shape[2]
         mean, var, rstd = np.empty((A, C)), np.empty((A, C)), np.empty((A, C))
-        columns = prep.shape[2]
-        mcol, rcol = np.empty((A, columns), cdtype), np.empty((A, columns), cdtype)
-        cpu.stats(_rows(xc, c), prep.shape, prep.gs, prep.tasks, prep.chunks, mean, var, rstd, 0.0, mcol, rcol)  # fmt: skip
-        mean, var = (stats_to_plan(torch.from_numpy(t).to(sdtype), p, c) for t in (mean, var))
-        grads = any(ctx.needs_input_grad[6:]) or ctx.needs_input_grad[0]
-        with torch.enable_grad() if grads else torch.no_grad():
-            leaves = [mean.clone().requires_grad_(grads), var.clone().requires_grad_(grads)]
-            leaves += [
-                t.detach().requires_grad_(need)
-                for t, need in zip(inputs, ctx.needs_input_grad[6:], strict=True)
-            ]
-            m, r = derive(*leaves)
-        mcol, rcol = (
-            stats_from_plan(t.detach().to(sdtype), p, c).repeat_interleave(prep.gs, 1)
-            for t in (m, r)
-        )
+        cdtype = np.float64 if xc.dtype == torch.float64 else np.float32
+        mcol = np.empty((A, prep.shape[2]), cdtype)
+        rcol = np.empty_like(mcol)
+        cpu.stats(_rows(xc, prep.canon), prep.shape, prep.gs, prep.tasks, prep.chunks, mean, var, rstd, 0.0, mcol, rcol)  # fmt: skip
+        return torch.from_numpy(mean), torch.from_numpy(var)
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        from normlab.kernels import cpu
+
+        prep, xc = self.prep, _kernel_input(x)
         yc = torch.empty_like(xc)
         cpu.apply(
-            _rows(xc, c), _rows(yc, c), prep.shape, mcol.numpy(), rcol.numpy(),
-            prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
+            _rows(xc, prep.canon), _rows(yc, prep.canon), prep.shape, self._columns(mean),
+            self._columns(rstd), prep.w, prep.b, *prep.tables, prep.mode, prep.tasks,
+            prep.chunks,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, mcol, rcol, *inputs)
-        ctx.graph = (m, r, leaves) if grads else None
-        ctx.args = (p, derive, prep)
-        ctx.mark_non_differentiable(mean, var)
-        return (yc if yc.dtype == x.dtype else yc.to(x.dtype)), mean, var
+        return yc if yc.dtype == x.dtype else yc.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
+    def grad_sums(
+        self, x: torch.Tensor, gy: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from normlab.kernels import cpu
 
-        x, weight, bias, mcol, rcol, *inputs = ctx.saved_tensors
-        p, derive, prep = ctx.args
-        nothing = (None, None, None)
-        if torch.is_grad_enabled():  # create_graph: differentiate the reference path instead
-
-            def again(x, w, b, *inputs):  # noqa: ANN001, ANN202
-                return reference.normalize_derived(x, p, derive, w, b, inputs)[0]
-
-            grads = _through_reference(again, (x, weight, bias, *inputs), gy, ctx, skip=3)
-            return (*grads[:3], *nothing, *grads[3:])
-        c = prep.canon
-        xc = _kernel_input(x)
-        gyc = _like(gy, xc)
+        prep, xc = self.prep, _kernel_input(x)
         dw, db = _affine_rows(prep)
-        args = (mcol.numpy(), rcol.numpy(), prep.w, *prep.tables, prep.mode)
         s1, s2 = cpu.grad_sums(
-            _rows(xc, c), _rows(gyc, c), prep.shape, prep.gs, *args, prep.tasks, prep.chunks, dw, db
+            _rows(xc, prep.canon), _rows(_like(gy, xc), prep.canon), prep.shape, prep.gs,
+            self._columns(mean), self._columns(rstd), prep.w, *prep.tables, prep.mode,
+            prep.tasks, prep.chunks, dw, db,
         )  # fmt: skip
-        gw, gb = _affine_grads(ctx, weight, bias, dw, db, prep)
-        if ctx.graph is None:  # only the affine needs a gradient
-            return None, gw, gb, *nothing, *(None for _ in inputs)
-        got = _through_derive(ctx.graph, s1, s2, mcol, rcol, p, prep)
-        # gx = r·w·gy + P·x + Q: the last two from the gradient of the sets' own moments
-        r_set, m_set = (t[:, :: prep.gs].double() for t in (rcol, mcol))
-        gmean, gvar = (
-            torch.zeros(m_set.shape, dtype=torch.float64) if g is None
-            else stats_from_plan(g.double(), p, c)
-            for g in got[:2]
+        per_set = slice(None, None, prep.gs)  # every column of a set holds the set's sums
+        dw, db = (_summed(t, prep) for t in (dw, db))
+        return torch.from_numpy(s1[:, per_set]), torch.from_numpy(s2[:, per_set]), dw, db
+
+    def grad_input(
+        self,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        k1: torch.Tensor,
+        k2: torch.Tensor,
+    ) -> torch.Tensor:
+        from normlab.kernels import cpu
+
+        prep, xc = self.prep, _kernel_input(x)
+        gxc = torch.empty_like(xc)
+        cpu.grad_input(
+            _rows(xc, prep.canon), _rows(_like(gy, xc), prep.canon), _rows(gxc, prep.canon),
+            prep.shape, self._columns(mean), self._columns(rstd), self._columns(k1),
+            self._columns(k2), prep.w, *prep.tables, prep.mode, prep.tasks, prep.chunks,
         )  # fmt: skip
-        mu = stats_from_plan(ctx.graph[2][0].detach().double(), p, c)
-        big_p = 2.0 * gvar / float(p.set_size)
-        big_q = gmean / float(p.set_size) - big_p * mu
-        k1, k2 = (
-            t.repeat_interleave(prep.gs, 1).to(mcol.dtype).contiguous()
-            for t in (-(big_q + big_p * m_set) / r_set, -big_p / r_set.square())
-        )
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gxc = torch.empty_like(xc)
-            cpu.grad_input(
-                _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, mcol.numpy(),
-                rcol.numpy(), k1.numpy(), k2.numpy(), prep.w, *prep.tables, prep.mode,
-                prep.tasks, prep.chunks,
-            )  # fmt: skip
-            gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
-        ginputs = [
-            None if g is None else g.to(t.dtype)
-            for g, t in zip(got[2:], inputs, strict=True)
-        ]  # fmt: skip
-        return gx, gw, gb, *nothing, *ginputs
-
-
-def _through_derive(graph, s1, s2, mcol, rcol, p, prep):  # noqa: ANN001, ANN202
-    """Gradients of (set mean, set var, *inputs) from the kernels' per-set sums.
-
-    y = (x − m)·r·w + b gives ∂L/∂m = −r·Σ w·gy and ∂L/∂r = Σ w·gy·x̂ / r; autograd
-    carries them through `derive` (O(#sets) work). Leaves without a gradient get None.
-    """
-    m, r, leaves = graph
-    c = prep.canon
-    r_set = rcol[:, :: prep.gs].double()
-    s1, s2 = torch.from_numpy(s1[:, :: prep.gs]), torch.from_numpy(s2[:, :: prep.gs])
-    outs = [
-        (m, stats_to_plan((-r_set * s1).to(m.dtype), p, c)),
-        (r, stats_to_plan((s2 / r_set).to(r.dtype), p, c)),
-    ]
-    live = [(o, g) for o, g in outs if o.requires_grad]
-    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
-    got = [None] * len(leaves)
-    if live and wanted:
-        found = torch.autograd.grad(
-            [o for o, _ in live], [leaves[i] for i in wanted], [g for _, g in live],
-            retain_graph=True, allow_unused=True,  # the outer graph may be retained too
-        )  # fmt: skip
-        for i, g in zip(wanted, found, strict=True):
-            got[i] = g
-    return got
+        return gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)

@@ -263,18 +263,23 @@ def normalize_derived(
     """Normalize with statistics derived from the sets' own: ``(y, mean, var)``.
 
     ``(m, rstd) = derive(mean, var, *inputs)`` (`p.stats_shape`, differentiable); y =
-    (x − m)·rstd·weight + bias. The Numba path reads x once for the statistics and once
-    to normalize; ``fast=False`` keeps the reference path (a `derive` that talks to
-    other processes, whose backward must stay in autograd's order).
+    (x − m)·rstd·weight + bias. A kernel path (Numba, Triton: :mod:`.derived`) reads x
+    once for the statistics and once to normalize; ``fast=False`` keeps the reference
+    path (a `derive` that talks to other processes, whose backward must stay in
+    autograd's order).
     """
     kind, what = ("reference", "asked for") if not fast else _choose(x, p, weight, bias)
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "normalize_derived %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
         )
-    if kind != "cpu":  # GPU hybrids: the reference path (no Triton kernel for these yet)
+    if kind == "reference":
         return reference.normalize_derived(x, p, derive, weight, bias, inputs)
-    from normlab.kernels.cpu_function import DerivedFunction
+    from normlab.kernels.derived import DerivedFunction
 
+    if kind == "cpu":
+        from normlab.kernels.cpu_function import NumbaPasses as Passes
+    else:
+        from normlab.kernels.gpu_function import TritonPasses as Passes
     xin = x if _dense(x) else x.contiguous()
-    return DerivedFunction.apply(xin, weight, bias, p, derive, what, *inputs)
+    return DerivedFunction.apply(xin, weight, bias, p, derive, Passes(what), *inputs)

@@ -146,9 +146,7 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     from normlab.kernels import gpu
 
     c = prep.canon
-    gy = gy.detach()
-    if gy.stride() != x.stride():
-        gy = torch.empty_like(x).copy_(gy)
+    gy = _like(gy, x)
     gx = torch.empty_like(x)
     dw = torch.zeros_like(prep.w)
     db = torch.zeros_like(prep.w)
@@ -160,3 +158,78 @@ def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noq
     gw = dw.to(weight.dtype).reshape(weight.shape) if weight is not None else None
     gb = db.to(bias.dtype).reshape(bias.shape) if bias is not None else None
     return (gx if ctx.needs_input_grad[0] else None), gw, gb
+
+
+@dataclass(frozen=True)
+class TritonPasses:
+    """The Triton kernels' passes for statistics derived between them (``derived.Passes``)."""
+
+    prep: GpuPrepared
+
+    @property
+    def canon(self) -> Canonical:
+        return self.prep.canon
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from normlab.kernels import gpu
+
+        c = self.canon
+        sets = torch.empty(2, c.shape[0], c.shape[2], device=x.device, dtype=torch.float32)
+        gpu.moments_kernel[_grid(c)](
+            flat_view(x.detach(), c), sets[0], sets[1], *c.shape[1:], BLOCK=BLOCK
+        )
+        return sets[0], sets[1]
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        from normlab.kernels import gpu
+
+        c, prep = self.canon, self.prep
+        y = torch.empty_like(x)
+        gpu.apply_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(y, c), *_f32(mean, rstd), prep.w, prep.b,
+            *prep.tables, *c.shape[1:], BLOCK=BLOCK,
+        )  # fmt: skip
+        return y
+
+    def grad_sums(
+        self, x: torch.Tensor, gy: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from normlab.kernels import gpu
+
+        c, prep = self.canon, self.prep
+        sums = torch.empty(2, c.shape[0], c.shape[2], device=x.device, dtype=torch.float32)
+        dw, db = torch.zeros_like(prep.w), torch.zeros_like(prep.w)
+        gpu.grad_sums_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(_like(gy, x), c), *_f32(mean, rstd), prep.w,
+            dw, db, sums[0], sums[1], *prep.tables, *c.shape[1:], BLOCK=BLOCK,
+        )  # fmt: skip
+        return sums[0], sums[1], dw.double(), db.double()
+
+    def grad_input(
+        self,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        k1: torch.Tensor,
+        k2: torch.Tensor,
+    ) -> torch.Tensor:
+        from normlab.kernels import gpu
+
+        c, prep = self.canon, self.prep
+        gx = torch.empty_like(x)
+        gpu.grad_input_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(_like(gy, x), c), flat_view(gx, c),
+            *_f32(mean, rstd, k1, k2), prep.w, *prep.tables, *c.shape[1:], BLOCK=BLOCK,
+        )  # fmt: skip
+        return gx
+
+
+def _f32(*stats: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(torch.float32).contiguous() for t in stats]
+
+
+def _like(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gy in x's memory order (the kernels index both alike)."""
+    gy = gy.detach()
+    return gy if gy.stride() == x.stride() else torch.empty_like(x).copy_(gy)
