@@ -31,6 +31,10 @@ COLS = 256  # column block of a wide slab (with all its rows) normalized while c
 BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
 COLUMN_BLOCK = 32768  # the same for columns (D = 1): 128 KiB, in L2, at most 2·ROWS rows
 GROUP = 32768  # bfloat16: elements widened into float32 scratch at a time (128 KiB, in L2)
+# Elements of extra work for the calling thread's chunk: waking a pool thread took ~30 µs
+# (2 cores), ~17 µs of the caller's work; one 50K-element task more for the caller cut a
+# 1.6M-element LayerNorm2d call from 0.32 to 0.28 ms, two tasks gave 0.30
+HEAD_START = 49152
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -1062,5 +1066,10 @@ def split_tasks(
     ntasks = len(tasks)
     nchunks = max(1, min(threads, ntasks))
     chunks = np.linspace(0, ntasks, nchunks + 1).round().astype(np.int64)
+    if nchunks > 1:  # the calling thread starts at once, a worker only once woken: give the
+        # caller a head start's worth of extra tasks, so it does not wait for the worker
+        per_task = A * B * shape[2] * shape[3] / ntasks
+        extra = int(HEAD_START / per_task + 0.5)
+        chunks[1] = min(chunks[1] + extra, chunks[2] - 1)
     fused = bool((tasks[:, 1] == 0).all() and (tasks[:, 2] == B).all())
     return np.ascontiguousarray(tasks, dtype=np.int64), chunks, fused
