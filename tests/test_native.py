@@ -209,3 +209,31 @@ def test_group_norm_on_channels_last_takes_aten_for_inference_only():
     assert "numba" in explain_dispatch(x.bfloat16(), "n (g k) h w -> n g", weight=w, g=4)
     x.requires_grad_()
     assert "numba" in explain_dispatch(x, "n (g k) h w -> n g", weight=w, g=4)
+
+
+@pytest.mark.parametrize(
+    "shape, groups, kernel",
+    [
+        ((4, 32, 6, 7), 4, "aten"),  # 8 channels per group, 42 positions: ATen with gradients
+        ((4, 64, 16, 16), 4, "aten"),  # 16 per group, 256 positions
+        ((4, 16, 6, 7), 4, "numba"),  # 4 channels per group: normlab's kernel
+        ((2, 32, 17, 16), 4, "numba"),  # 272 positions: normlab's kernel
+    ],
+)
+def test_group_norm_on_channels_last_with_gradients_by_geometry(shape, groups, kernel):
+    x = make(shape, CL, torch.float32).requires_grad_()
+    c = shape[1]
+    w = (1 + 0.3 * torch.randn(c)).requires_grad_()
+    b = (0.3 * torch.randn(c)).requires_grad_()
+    pattern = "n (g k) h w -> n g"
+    assert kernel in explain_dispatch(x, pattern, weight=w, g=groups)
+    gy = torch.randn(shape).contiguous(memory_format=CL)
+    grads = []
+    for forced in (False, True):
+        with use_reference(forced):
+            y = normlab.normalize(x, pattern, weight=w, bias=b, g=groups)
+        (gx, gw, gb) = torch.autograd.grad(y, (x, w, b), gy)
+        grads.append((y, gx, gw, gb))
+    assert grads[0][0].is_contiguous(memory_format=CL)
+    for ours, ref in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

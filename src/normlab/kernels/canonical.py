@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -70,12 +71,18 @@ def expanded_strides(p: Plan, strides: tuple[int, ...]) -> list[int]:
 
 def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """Input dims from outermost to innermost in memory, or None if `x` is not dense."""
-    dims = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
+    return _memory_order(tuple(x.shape), x.stride())
+
+
+@lru_cache(maxsize=1024)
+def _memory_order(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    # cached: every kernel call asks (twice), and sorting in Python costs microseconds
+    dims = sorted(range(len(shape)), key=lambda d: (-strides[d], -d))
     expected = 1
     for d in reversed(dims):
-        if x.shape[d] != 1 and x.stride(d) != expected:
+        if shape[d] != 1 and strides[d] != expected:
             return None
-        expected *= x.shape[d]
+        expected *= shape[d]
     return tuple(dims)
 
 
@@ -147,11 +154,18 @@ def affine_offsets(
 
 def stats_to_plan(stats: torch.Tensor, p: Plan, c: Canonical) -> torch.Tensor:
     """An ``(A, C)`` statistics array as a tensor of `p.stats_shape`."""
+    shape, perm = _to_plan_steps(p, c)
+    if perm is None:  # kept axes already in the plan's order: one reshape
+        return stats.reshape(p.stats_shape)
+    return stats.reshape(shape).permute(perm).reshape(p.stats_shape)
+
+
+@lru_cache(maxsize=512)
+def _to_plan_steps(p: Plan, c: Canonical) -> tuple[list[int], list[int] | None]:
     kept = list(c.blocks[0]) + list(c.blocks[2])
-    t = stats.reshape([p.expanded_shape[i] for i in kept] or [1])
-    if kept:
-        t = t.permute(sorted(range(len(kept)), key=lambda j: kept[j]))
-    return t.reshape(p.stats_shape)
+    perm = sorted(range(len(kept)), key=lambda j: kept[j])
+    shape = [p.expanded_shape[i] for i in kept] or [1]
+    return shape, (perm if perm != sorted(perm) else None)
 
 
 def stats_from_plan(stats: torch.Tensor, p: Plan, c: Canonical) -> torch.Tensor:

@@ -20,7 +20,6 @@ from normlab.kernels.canonical import (
     Canonical,
     affine_offsets,
     canonicalize,
-    flat_view,
     stats_from_plan,
     stats_to_plan,
 )
@@ -145,17 +144,24 @@ def prepare(
         return lay
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
     if param is None:
-        w, b = np.ones(1, dtype), np.zeros(1, dtype)
+        w, b = _constant(1, dtype, 1.0), _constant(1, dtype, 0.0)
     else:
-        ones = np.ones(param.numel(), dtype)
-        w = _as_numpy(weight, dtype) if weight is not None else ones
-        b = _as_numpy(bias, dtype) if bias is not None else 0 * ones
+        size = param.numel()
+        w = _as_numpy(weight, dtype) if weight is not None else _constant(size, dtype, 1.0)
+        b = _as_numpy(bias, dtype) if bias is not None else _constant(size, dtype, 0.0)
         if lay.remap is not None:
             w, b = w[lay.remap], b[lay.remap]
     return Prepared(
         lay.canon, lay.shape, lay.gs, w, b, lay.tables, lay.mode, lay.tasks, lay.chunks,
         lay.remap, lay.fused,
     )  # fmt: skip
+
+
+@lru_cache(maxsize=64)
+def _constant(size: int, dtype: type, value: float) -> np.ndarray:
+    """A missing weight (ones) or bias (zeros), made once per size: the kernels only read it
+    (making RMSNorm's zero bias of C·H·W elements anew cost more than a small call's kernel)."""
+    return np.full(size, value, dtype)
 
 
 def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
@@ -166,11 +172,16 @@ def _as_numpy(t: torch.Tensor, dtype: type) -> np.ndarray:
 def _rows(t: torch.Tensor, c: Canonical) -> np.ndarray:
     """The canonical (A, B·C·D) view of a tensor laid out like the input.
 
+    The canonical form is the input's memory order, so for a dense tensor this is its
+    storage as A rows: one strided view (permute and reshape cost several µs a call).
     bfloat16 comes as its uint16 bits (the kernels widen it in cache).
     """
+    rows = c.shape[0]
+    size = t.numel() // rows
     if t.dtype == torch.bfloat16:
-        return flat_view(t.view(torch.int16), c).reshape(c.shape[0], -1).numpy().view(np.uint16)
-    return flat_view(t, c).reshape(c.shape[0], -1).numpy()
+        bits = t.view(torch.int16).as_strided((rows, size), (size, 1))
+        return bits.numpy().view(np.uint16)
+    return t.as_strided((rows, size), (size, 1)).numpy()
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ def check_input(
     min_rank: int = 2,
 ) -> int:
     """Check type, rank and channel count of a layer's input; return the channel dim's index."""
-    check_floating(x, describe(module))
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        check_floating(x, describe(module))  # the description only when it is needed
     if ranks is not None and x.dim() not in ranks:
         wanted = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{describe(module)}: expected {wanted} input, got shape {tuple(x.shape)}")
