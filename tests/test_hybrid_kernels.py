@@ -206,3 +206,43 @@ def test_fast_false_stays_on_the_reference_path(small_tensors_take_the_kernel):
     y, _ = normalize_derived(x, p, identity, fast=False)
     assert not small_tensors_take_the_kernel
     torch.testing.assert_close(y, torch.nn.functional.instance_norm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "fused"),
+    [
+        ((6, 5, 7, 8), False, True),  # whole sets per task, short rows
+        ((3, 2, 100, 90), False, True),  # whole sets per task, rows longer than a block
+        ((2, 5, 7, 8), True, False),  # sets cut across tasks (channels-last, N < threads·4)
+        ((6, 4, 3, 2), False, True),  # short innermost runs folded into columns
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_every_kernel_layout_of_the_derived_path(shape, channels_last, fused, dtype):
+    """Batch norm derived from instance moments against torch's, on each kernel layout."""
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = plan("n c h w -> n c", x.shape)
+    assert dispatch._choose(x, p, None, None)[1].fused is fused
+    n, c = shape[:2]
+    weight = torch.linspace(0.5, 1.5, c, dtype=torch.float64, requires_grad=True)
+
+    def as_batch_norm(mean, var):
+        batch = from_stats(mean, var, p).reduce("n")
+        rstd = torch.rsqrt(batch.var + 1e-5)
+        return p.to_stats(batch.mean.expand(n, c)), p.to_stats(rstd.expand(n, c))
+
+    xa = x.detach().clone().requires_grad_()
+    w = weight.detach().to(torch.float32 if dtype == torch.bfloat16 else dtype).requires_grad_()
+    y, _ = normalize_derived(xa, p, as_batch_norm, w.view(1, c, 1, 1))
+    x64 = x.detach().double().requires_grad_()
+    want = torch.nn.functional.batch_norm(x64, None, None, training=True) * weight.view(1, c, 1, 1)
+    tol = 1e-9 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(y.double(), want, atol=10 * tol, rtol=tol)
+    g = torch.randn(shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, (xa, w), g.to(dtype))
+    expected = torch.autograd.grad(want, (x64, weight), g)
+    for mine, theirs in zip(got, expected, strict=True):
+        scale = theirs.abs().max().item() + 1.0
+        torch.testing.assert_close(mine.double(), theirs, atol=20 * tol * scale, rtol=10 * tol)

@@ -31,6 +31,12 @@ COLS = 256  # column block of a wide slab (with all its rows) normalized while c
 BLOCK = 8192  # elements reduced per two-pass block: 32-64 KiB, stays in L1/L2
 COLUMN_BLOCK = 32768  # the same for columns (D = 1): 128 KiB, in L2, at most 2·ROWS rows
 GROUP = 32768  # bfloat16: elements widened into float32 scratch at a time (128 KiB, in L2)
+
+# Which part of a fused pass to run. Statistics derived between the passes (the hybrid
+# norms) split a forward into STATS then OUTPUT (given mean, rstd per set), a backward
+# into SUMS (Σ w·gy and Σ w·gy·x̂ per set) then INPUT (given k1, k2 per set).
+FULL, STATS, OUTPUT = 0, 1, 2
+SUMS, INPUT = 1, 2
 # Elements of extra work for the calling thread's chunk: waking a pool thread took ~30 µs
 # (2 cores), ~17 µs of the caller's work; one 50K-element task more for the caller cut a
 # 1.6M-element LayerNorm2d call from 0.32 to 0.28 ms, two tasks gave 0.30
@@ -281,7 +287,7 @@ def _short_rows(B, C, D, mode):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part, t0, t1):  # fmt: skip
     """One set per row of x (A, B·D), short: two passes over the row, then the output.
 
     With B > 1 the affine is one value per run of D (mode 0: group norm's channels).
@@ -292,24 +298,30 @@ def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, ep
     zero = x.dtype.type(0)
     for i in range(t0, t1):
         a = tasks[i, 0]
-        m = zero
-        if center:
-            total = zero
+        if part == OUTPUT:  # given statistics
+            mu = mean[a, 0]
+            r = rstd[a, 0]
+        else:
+            m = zero
+            if center:
+                total = zero
+                for j in range(n):
+                    total += x[a, j]
+                m = x.dtype.type(total / n)
+            q = zero
+            e = zero
             for j in range(n):
-                total += x[a, j]
-            m = x.dtype.type(total / n)
-        q = zero
-        e = zero
-        for j in range(n):
-            v = x[a, j] - m
-            e += v
-            q += v * v
-        mu = np.float64(m) + np.float64(e) / n if center else 0.0
-        var_ = max(np.float64(q) - np.float64(e) * e / n, 0.0) / n if center else q / n
-        r = 1.0 / np.sqrt(var_ + eps)
-        mean[a, 0] = mu
-        var[a, 0] = var_
-        rstd[a, 0] = r
+                v = x[a, j] - m
+                e += v
+                q += v * v
+            mu = np.float64(m) + np.float64(e) / n if center else 0.0
+            var_ = max(np.float64(q) - np.float64(e) * e / n, 0.0) / n if center else q / n
+            r = 1.0 / np.sqrt(var_ + eps)
+            mean[a, 0] = mu
+            var[a, 0] = var_
+            rstd[a, 0] = r
+            if part == STATS:
+                continue
         if mode == 0:
             for b in range(B):
                 base = oa[a] + ob[b] + oc[0]
@@ -335,11 +347,14 @@ def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, ep
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
-    """Tasks t0:t1, each whole sets: statistics, then the output while the slab is in cache."""
+def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part, t0, t1):  # fmt: skip
+    """Tasks t0:t1, each whole sets: statistics, then the output while the slab is in cache.
+
+    `part` STATS stops after the statistics; OUTPUT takes them from mean and rstd.
+    """
     _, B, C, D = shape
     if _short_rows(B, C, D, mode):  # many short sets (LayerNorm, small maps): no blocking
-        _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1)  # fmt: skip
+        _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part, t0, t1)  # fmt: skip
         return
     pm = np.empty(C)
     pq = np.empty(C)
@@ -356,8 +371,15 @@ def _forward_fused(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mo
         step = C if D > 1 or C <= 2 * COLS else max(gs, COLS // gs * gs)
         for c_lo in range(0, C, step):
             c_hi = min(c_lo + step, C)
-            _stats(x[a], B, C, D, 0, B, c_lo, c_hi, center, pm, pq, pn, s, q, e)
-            _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, c_lo // gs, c_hi // gs)
+            if part == OUTPUT:
+                for c in range(c_lo, c_hi):
+                    mcol[c] = mean[a, c // gs]
+                    rcol[c] = rstd[a, c // gs]
+            else:
+                _stats(x[a], B, C, D, 0, B, c_lo, c_hi, center, pm, pq, pn, s, q, e)
+                _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, c_lo // gs, c_hi // gs)
+                if part == STATS:
+                    continue
             _normalize(x[a], y[a], B, C, D, 0, B, c_lo, c_hi, mcol, rcol, w, bias, oa[a], ob, oc, od, mode, s, q)  # fmt: skip
 
 
@@ -623,8 +645,11 @@ def _fold_sums(sg, sgx, gs, n, center, k1, k2):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
-    """Backward for one set per short row (the forward's `_forward_rows`)."""
+def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, dw, db, t0, t1):  # fmt: skip
+    """Backward for one set per short row (the forward's `_forward_rows`).
+
+    `part` SUMS stores Σ w·gy, Σ w·gy·x̂ into s1, s2 (no gx); INPUT takes k1, k2 from them.
+    """
     n = x.shape[1]
     zero = x.dtype.type(0)
     # one affine row for all rows (LayerNorm): take its views once, not per row
@@ -643,26 +668,34 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
         m = x.dtype.type(mu)
         r = x.dtype.type(rs)
         if mode == 0:
-            sg = 0.0
-            sgx = 0.0
-            for b in range(B):
-                base = oa[a] + ob[b] + oc[0]
-                tg = zero
-                tgx = zero
-                xs = x[a, b * D : b * D + D]  # views indexed from 0: they vectorize
-                gs_ = gy[a, b * D : b * D + D]
-                for j in range(D):
-                    g = gs_[j]
-                    tg += g
-                    tgx += g * (xs[j] - m)
-                tgx *= r
-                wv = np.float64(w[base])
-                dw[base] += tgx
-                db[base] += tg
-                sg += wv * tg
-                sgx += wv * tgx
-            k1 = sg / n if batch and center else 0.0
-            k2 = sgx / n if batch else 0.0
+            if part == INPUT:
+                k1 = s1[a, 0]
+                k2 = s2[a, 0]
+            else:
+                sg = 0.0
+                sgx = 0.0
+                for b in range(B):
+                    base = oa[a] + ob[b] + oc[0]
+                    tg = zero
+                    tgx = zero
+                    xs = x[a, b * D : b * D + D]  # views indexed from 0: they vectorize
+                    gs_ = gy[a, b * D : b * D + D]
+                    for j in range(D):
+                        g = gs_[j]
+                        tg += g
+                        tgx += g * (xs[j] - m)
+                    tgx *= r
+                    wv = np.float64(w[base])
+                    dw[base] += tgx
+                    db[base] += tg
+                    sg += wv * tg
+                    sgx += wv * tgx
+                if part == SUMS:
+                    s1[a, 0] = sg
+                    s2[a, 0] = sgx
+                    continue
+                k1 = sg / n if batch and center else 0.0
+                k2 = sgx / n if batch else 0.0
             for b in range(B):
                 base = oa[a] + ob[b] + oc[0]
                 wv = np.float64(w[base])
@@ -676,32 +709,40 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
                     out[j] = gs_[j] * alpha + xs[j] * beta + gamma
             continue
         base = oa[a] + ob[0] + oc[0]
-        sg = zero
-        sgx = zero
-        if mode == 1:
-            ws = ws0 if shared else w[base : base + n]
-            dws = dws0 if shared else dw[base : base + n]
-            dbs = dbs0 if shared else db[base : base + n]
-            for j in range(n):
-                g = gy[a, j]
-                xh = (x[a, j] - m) * r
-                gw = g * ws[j]
-                sg += gw
-                sgx += gw * xh
-                dws[j] += g * xh
-                dbs[j] += g
+        if part == INPUT:
+            u = x.dtype.type(s1[a, 0])
+            v = x.dtype.type(s2[a, 0])
         else:
-            for j in range(n):
-                o = base + od[j]
-                g = gy[a, j]
-                xh = (x[a, j] - m) * r
-                gw = g * w[o]
-                sg += gw
-                sgx += gw * xh
-                dw[o] += g * xh
-                db[o] += g
-        u = x.dtype.type(sg / n if batch and center else 0.0)
-        v = x.dtype.type(sgx / n if batch else 0.0)
+            sg = zero
+            sgx = zero
+            if mode == 1:
+                ws = ws0 if shared else w[base : base + n]
+                dws = dws0 if shared else dw[base : base + n]
+                dbs = dbs0 if shared else db[base : base + n]
+                for j in range(n):
+                    g = gy[a, j]
+                    xh = (x[a, j] - m) * r
+                    gw = g * ws[j]
+                    sg += gw
+                    sgx += gw * xh
+                    dws[j] += g * xh
+                    dbs[j] += g
+            else:
+                for j in range(n):
+                    o = base + od[j]
+                    g = gy[a, j]
+                    xh = (x[a, j] - m) * r
+                    gw = g * w[o]
+                    sg += gw
+                    sgx += gw * xh
+                    dw[o] += g * xh
+                    db[o] += g
+            if part == SUMS:
+                s1[a, 0] = sg
+                s2[a, 0] = sgx
+                continue
+            u = x.dtype.type(sg / n if batch and center else 0.0)
+            v = x.dtype.type(sgx / n if batch else 0.0)
         if mode == 1:
             ws = ws0 if shared else w[base : base + n]
             for j in range(n):
@@ -712,11 +753,14 @@ def _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, 
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
-    """Tasks t0:t1, each whole sets: the sums, then gx while the slab is in cache."""
+def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, dw, db, t0, t1):  # fmt: skip
+    """Tasks t0:t1, each whole sets: the sums, then gx while the slab is in cache.
+
+    `part` SUMS stores the per-set sums into s1, s2 (A, C // gs); INPUT takes k1, k2 there.
+    """
     _, B, C, D = shape
     if _short_rows(B, C, D, mode):
-        _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1)  # fmt: skip
+        _backward_rows(x, gy, gx, B, D, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, dw, db, t0, t1)  # fmt: skip
         return
     n = float(B * D * gs)
     sg = np.empty(C)
@@ -725,9 +769,22 @@ def _backward_fused(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, b
     k2 = np.zeros(C, x.dtype)
     for i in range(t0, t1):
         a = tasks[i, 0]
-        _grad_sums(x[a], gy[a], B, C, D, 0, B, mean[a], rstd[a], w, oa[a], ob, oc, od, mode, sg, sgx, dw, db)  # fmt: skip
-        if batch:
-            _fold_sums(sg, sgx, gs, n, center, k1, k2)
+        if part == INPUT:
+            for c in range(C):
+                k1[c] = s1[a, c // gs]
+                k2[c] = s2[a, c // gs]
+        else:
+            _grad_sums(x[a], gy[a], B, C, D, 0, B, mean[a], rstd[a], w, oa[a], ob, oc, od, mode, sg, sgx, dw, db)  # fmt: skip
+            if part == SUMS:
+                for c in range(C):
+                    if c % gs == 0:
+                        s1[a, c // gs] = 0.0
+                        s2[a, c // gs] = 0.0
+                    s1[a, c // gs] += sg[c]
+                    s2[a, c // gs] += sgx[c]
+                continue
+            if batch:
+                _fold_sums(sg, sgx, gs, n, center, k1, k2)
         _grad_input(x[a], gy[a], gx[a], B, C, D, 0, B, mean[a], rstd[a], k1, k2, w, oa[a], ob, oc, od, mode)  # fmt: skip
 
 
@@ -808,7 +865,7 @@ def _groups(tasks, t0, t1, L):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, t0, t1):  # fmt: skip
+def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part, t0, t1):  # fmt: skip
     B = shape[1]
     L = x.shape[1]
     groups = _groups(tasks, t0, t1, L)
@@ -826,9 +883,10 @@ def _forward_fused_bf16(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, o
         n = groups[g, 1]
         for k in range(n):
             _widen(x[a + k], xb[k])
-        _forward_fused(xf, yf, shape, gs, mean[a : a + n], var[a : a + n], rstd[a : a + n], w, bias, oa[a : a + n], ob, oc, od, mode, eps, center, local, 0, n)  # fmt: skip
-        for k in range(n):
-            _narrow(yb[k], y[a + k])
+        _forward_fused(xf, yf, shape, gs, mean[a : a + n], var[a : a + n], rstd[a : a + n], w, bias, oa[a : a + n], ob, oc, od, mode, eps, center, local, part, 0, n)  # fmt: skip
+        if part != STATS:
+            for k in range(n):
+                _narrow(yb[k], y[a + k])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -874,7 +932,7 @@ def _apply_tasks_bf16(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, ta
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, dw, db, t0, t1):  # fmt: skip
+def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, dw, db, t0, t1):  # fmt: skip
     B = shape[1]
     L = x.shape[1]
     groups = _groups(tasks, t0, t1, L)
@@ -895,9 +953,10 @@ def _backward_fused_bf16(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mo
         for k in range(n):
             _widen(x[a + k], xb[k])
             _widen(gy[a + k], gb[k])
-        _backward_fused(xf, gf, of, shape, gs, mean[a : a + n], rstd[a : a + n], w, oa[a : a + n], ob, oc, od, mode, batch, center, local, dw, db, 0, n)  # fmt: skip
-        for k in range(n):
-            _narrow(ob_[k], gx[a + k])
+        _backward_fused(xf, gf, of, shape, gs, mean[a : a + n], rstd[a : a + n], w, oa[a : a + n], ob, oc, od, mode, batch, center, local, part, s1[a : a + n], s2[a : a + n], dw, db, 0, n)  # fmt: skip
+        if part != SUMS:
+            for k in range(n):
+                _narrow(ob_[k], gx[a + k])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -966,7 +1025,7 @@ def _run(fn, chunks: np.ndarray, *args, rows: tuple | None = None) -> None:
         future.result()
 
 
-def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks, fused):  # fmt: skip
+def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, chunks, fused, part=FULL):  # fmt: skip
     """Batch statistics of every set (into mean, var, rstd: (A, C // gs) float64) and y.
 
     x, y: (A, B·C·D) contiguous; shape = (A, B, C, D). With ``gs > 1`` each set spans
@@ -975,7 +1034,7 @@ def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps
     """
     bf16 = x.dtype == np.uint16
     if fused:
-        _run(_forward_fused_bf16 if bf16 else _forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks)  # fmt: skip
+        _run(_forward_fused_bf16 if bf16 else _forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part)  # fmt: skip
         return
     ntasks, C = len(tasks), shape[2]
     pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
@@ -1023,7 +1082,7 @@ def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks)
     )
 
 
-def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, fused, dw, db):  # fmt: skip
+def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, fused, dw, db, part=FULL, s1=None, s2=None):  # fmt: skip
     """gx, and per chunk the partial Σ gy·x̂ (dw[chunk]) and Σ gy (db[chunk]).
 
     mean, rstd: per column, (A, C). With ``batch`` the statistics were the batch's
@@ -1033,7 +1092,9 @@ def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, c
     rows = (dw, db)  # each chunk accumulates into its own row: no two threads share one
     bf16 = x.dtype == np.uint16
     if fused:
-        _run(_backward_fused_bf16 if bf16 else _backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, rows=rows)  # fmt: skip
+        if s1 is None:  # FULL: the per-set arrays are not used
+            s1 = s2 = np.zeros((x.shape[0], max(1, shape[2] // gs)))
+        _run(_backward_fused_bf16 if bf16 else _backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, rows=rows)  # fmt: skip
         return
     A, _, C, D = shape
     psg, psgx = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))

@@ -361,7 +361,12 @@ def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NumbaPasses:
-    """The Numba kernels' passes for statistics derived between them (``derived.Passes``)."""
+    """The Numba kernels' passes for statistics derived between them (``derived.Passes``).
+
+    When every task holds whole sets, the fused kernels run in parts (statistics, then
+    output; sums, then input gradient), so many short sets cost no per-set overhead;
+    otherwise the two-pass kernels' pieces run.
+    """
 
     prep: Prepared
 
@@ -377,12 +382,33 @@ class NumbaPasses:
         from normlab.kernels import cpu
 
         prep, xc = self.prep, _kernel_input(x)
+        rows = _rows(xc, prep.canon)
         A, C = prep.canon.shape[0], prep.canon.shape[2]
         mean, var, rstd = np.empty((A, C)), np.empty((A, C)), np.empty((A, C))
-        cdtype = np.float64 if xc.dtype == torch.float64 else np.float32
-        mcol = np.empty((A, prep.shape[2]), cdtype)
-        rcol = np.empty_like(mcol)
-        cpu.stats(_rows(xc, prep.canon), prep.shape, prep.gs, prep.tasks, prep.chunks, mean, var, rstd, 0.0, mcol, rcol)  # fmt: skip
+        if prep.fused:
+            cpu.forward(
+                rows,
+                rows,
+                prep.shape,
+                prep.gs,
+                mean,
+                var,
+                rstd,
+                prep.w,
+                prep.b,
+                *prep.tables,
+                prep.mode,
+                0.0,
+                True,
+                prep.tasks,
+                prep.chunks,
+                True,
+                cpu.STATS,
+            )  # fmt: skip  (STATS writes no output: rows stand in for y)
+        else:
+            cdtype = np.float64 if xc.dtype == torch.float64 else np.float32
+            mcol = np.empty((A, prep.shape[2]), cdtype)
+            cpu.stats(rows, prep.shape, prep.gs, prep.tasks, prep.chunks, mean, var, rstd, 0.0, mcol, np.empty_like(mcol))  # fmt: skip
         return torch.from_numpy(mean), torch.from_numpy(var)
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -390,11 +416,18 @@ class NumbaPasses:
 
         prep, xc = self.prep, _kernel_input(x)
         yc = torch.empty_like(xc)
-        cpu.apply(
-            _rows(xc, prep.canon), _rows(yc, prep.canon), prep.shape, self._columns(mean),
-            self._columns(rstd), prep.w, prep.b, *prep.tables, prep.mode, prep.tasks,
-            prep.chunks,
-        )  # fmt: skip
+        rows, out = _rows(xc, prep.canon), _rows(yc, prep.canon)
+        if prep.fused:
+            m, r = (t.double().contiguous().numpy() for t in (mean, rstd))
+            cpu.forward(
+                rows, out, prep.shape, prep.gs, m, np.empty_like(m), r, prep.w, prep.b,
+                *prep.tables, prep.mode, 0.0, True, prep.tasks, prep.chunks, True, cpu.OUTPUT,
+            )  # fmt: skip
+        else:
+            cpu.apply(
+                rows, out, prep.shape, self._columns(mean), self._columns(rstd), prep.w,
+                prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
+            )  # fmt: skip
         return yc if yc.dtype == x.dtype else yc.to(x.dtype)
 
     def grad_sums(
@@ -403,15 +436,34 @@ class NumbaPasses:
         from normlab.kernels import cpu
 
         prep, xc = self.prep, _kernel_input(x)
+        rows, grows = _rows(xc, prep.canon), _rows(_like(gy, xc), prep.canon)
         dw, db = _affine_rows(prep)
-        s1, s2 = cpu.grad_sums(
-            _rows(xc, prep.canon), _rows(_like(gy, xc), prep.canon), prep.shape, prep.gs,
-            self._columns(mean), self._columns(rstd), prep.w, *prep.tables, prep.mode,
-            prep.tasks, prep.chunks, dw, db,
-        )  # fmt: skip
-        per_set = slice(None, None, prep.gs)  # every column of a set holds the set's sums
+        args = (self._columns(mean), self._columns(rstd), prep.w, *prep.tables, prep.mode)
+        if prep.fused:
+            s1, s2 = (np.zeros(tuple(mean.shape)) for _ in range(2))
+            cpu.backward(
+                rows,
+                grows,
+                grows,
+                prep.shape,
+                prep.gs,
+                *args,
+                True,
+                True,
+                prep.tasks,
+                prep.chunks,
+                True,
+                dw,
+                db,
+                cpu.SUMS,
+                s1,
+                s2,
+            )  # fmt: skip  (SUMS writes no gx: grows stands in)
+        else:
+            s1, s2 = cpu.grad_sums(rows, grows, prep.shape, prep.gs, *args, prep.tasks, prep.chunks, dw, db)  # fmt: skip
+            s1, s2 = s1[:, :: prep.gs], s2[:, :: prep.gs]  # every column of a set holds its sums
         dw, db = (_summed(t, prep) for t in (dw, db))
-        return torch.from_numpy(s1[:, per_set]), torch.from_numpy(s2[:, per_set]), dw, db
+        return torch.from_numpy(s1), torch.from_numpy(s2), dw, db
 
     def grad_input(
         self,
@@ -426,9 +478,18 @@ class NumbaPasses:
 
         prep, xc = self.prep, _kernel_input(x)
         gxc = torch.empty_like(xc)
-        cpu.grad_input(
-            _rows(xc, prep.canon), _rows(_like(gy, xc), prep.canon), _rows(gxc, prep.canon),
-            prep.shape, self._columns(mean), self._columns(rstd), self._columns(k1),
-            self._columns(k2), prep.w, *prep.tables, prep.mode, prep.tasks, prep.chunks,
-        )  # fmt: skip
+        rows, grows, out = (_rows(t, prep.canon) for t in (xc, _like(gy, xc), gxc))
+        args = (self._columns(mean), self._columns(rstd))
+        if prep.fused:
+            s1, s2 = (t.double().contiguous().numpy() for t in (k1, k2))
+            dw, db = _affine_rows(prep)  # not touched by INPUT
+            cpu.backward(
+                rows, grows, out, prep.shape, prep.gs, *args, prep.w, *prep.tables, prep.mode,
+                True, True, prep.tasks, prep.chunks, True, dw, db, cpu.INPUT, s1, s2,
+            )  # fmt: skip
+        else:
+            cpu.grad_input(
+                rows, grows, out, prep.shape, *args, self._columns(k1), self._columns(k2),
+                prep.w, *prep.tables, prep.mode, prep.tasks, prep.chunks,
+            )  # fmt: skip
         return gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
