@@ -147,6 +147,11 @@ def test_double_backward_through_native_kernels():
     "ours, theirs, fmt",
     [
         (lambda: normlab.BatchNorm2d(12), lambda: nn.BatchNorm2d(12), CL),
+        (
+            lambda: normlab.BatchNorm2d(12, momentum=None),
+            lambda: nn.BatchNorm2d(12, momentum=None),
+            CL,
+        ),
         (lambda: normlab.GroupNorm(4, 12), lambda: nn.GroupNorm(4, 12), None),
         (
             lambda: normlab.InstanceNorm2d(12, affine=True, track_running_stats=True),
@@ -172,8 +177,26 @@ def test_layers_on_native_kernels_match_torch_nn(ours, theirs, fmt):
         ya.square().sum().backward(), yt.square().sum().backward()
         torch.testing.assert_close(xa.grad, xt.grad, atol=1e-4, rtol=1e-4)
     for (name, u), (_, v) in zip(a.named_buffers(), t.named_buffers(), strict=True):
-        if name != "num_batches_tracked":
+        if name != "num_batches_tracked" or isinstance(a, nn.BatchNorm2d):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_lets_aten_update_its_buffers_in_bfloat16():
+    """Channels-last bf16 input, float32 buffers: ATen's kernel updates them (unbiased var)."""
+    layer = normlab.BatchNorm2d(12, momentum=0.3)
+    x = make((16, 12, 7, 9), CL, torch.bfloat16)
+    for _ in range(3):
+        layer(x)
+    xf = x.double()
+    mean, var = xf.mean((0, 2, 3)), xf.var((0, 2, 3))  # unbiased, as the buffer keeps it
+    expected_mean = torch.zeros(12, dtype=torch.float64)
+    expected_var = torch.ones(12, dtype=torch.float64)
+    for _ in range(3):
+        expected_mean = 0.7 * expected_mean + 0.3 * mean
+        expected_var = 0.7 * expected_var + 0.3 * var
+    assert int(layer.num_batches_tracked) == 3
+    torch.testing.assert_close(layer.running_mean.double(), expected_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.running_var.double(), expected_var, atol=1e-5, rtol=1e-5)
 
 
 def test_layernorm2d_on_channels_last_is_a_row_layer_norm_without_copies():

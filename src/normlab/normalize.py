@@ -72,12 +72,18 @@ def normalize_batch(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     center: bool = True,
-) -> tuple[torch.Tensor, Moments]:
+    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, Moments | None]:
     """Normalize with the batch's own statistics; return the output and those moments.
 
     `weight`/`bias` must already broadcast against `x` (see :func:`affine_view`).
+    With `running` = (running_mean, running_var, weight of this batch), a kernel that
+    updates batch-norm buffers itself (unbiased variance) may do so and return None
+    for the moments; otherwise the caller updates them from the moments.
     """
-    y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center)
+    y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center, running=running)
+    if mean is None:
+        return y, None
     return y, from_stats(mean.detach(), var.detach(), p)
 
 

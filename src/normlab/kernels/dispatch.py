@@ -196,10 +196,13 @@ def normalize_batch(
     eps: float,
     center: bool,
     stats: bool = True,
+    running: native.Running | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``.
 
     With ``stats=False`` a kernel may skip building the statistics and return None.
+    `running` (buffers and the batch's weight) lets a kernel that can update batch-norm
+    running estimates itself do so: then mean and var come back None.
     """
     kind, what = _choose(x, p, weight, bias, batch=(eps, center))
     if log.isEnabledFor(logging.DEBUG):
@@ -209,6 +212,8 @@ def normalize_batch(
     if kind == "reference":
         return reference.normalize_batch(x, p, weight, bias, eps, center)
     if kind == "native":
+        if running is not None and what[0] == "batch_norm":  # type: ignore[index]
+            return what[1](stats, running)  # type: ignore[index]
         return what[1](stats)  # type: ignore[index]
     if kind == "native+cpu":
         from normlab.kernels.cpu_function import BatchNormFunction

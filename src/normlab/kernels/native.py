@@ -20,6 +20,9 @@ from normlab.pattern import Plan
 # A prepared call: run(stats) -> (y, mean, var), the statistics None unless `stats`.
 Native = Callable[[bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
+#: Running buffers a batch-norm kernel may update itself: (mean, var, weight of the batch).
+Running = tuple[torch.Tensor, torch.Tensor, float]
+
 #: The choice whose backward normlab's own kernel computes (ATen's forward only).
 FORWARD_ONLY = "layer_norm_forward"
 
@@ -198,9 +201,16 @@ def batch_norm(
     w = None if weight is None else weight.reshape(c)
     b = None if bias is None else bias.reshape(c)
 
-    def run(stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def run(
+        stats: bool, running: Running | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         # Channels at dim 1 as ATen expects; a view, so channels-last memory stays as it is.
         xc = x.movedim(dim, 1)
+        if running is not None and _mixed_ok(x, *running[:2]) and running[0].dim() == 1:
+            # ATen updates the buffers itself (unbiased variance): no statistics come back
+            rm, rv, factor = running
+            y = torch.native_batch_norm(xc, w, b, rm, rv, True, factor, eps)[0]
+            return y.movedim(1, dim), None, None
         y, mean, invstd = torch.native_batch_norm(xc, w, b, None, None, True, 0.0, eps)
         return y.movedim(1, dim), *_stats(mean, invstd, eps, p, stats)
 

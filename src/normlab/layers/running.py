@@ -54,17 +54,29 @@ class RunningStatsMixin:
                 f"{describe(self)}: expected more than 1 {self._one_value} when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        y, batch = normalize_batch(x, batch_plan, weight, bias, self.eps)
-        if self.training and self.track_running_stats:
-            self._update_running(*to_running(batch))
+        tracking = self.training and self.track_running_stats
+        running = None
+        if tracking and to_running is batch_to_running and batch_plan is running_plan:
+            # batch norm: a kernel may update the buffers as it goes (ATen's does)
+            running = (self.running_mean, self.running_var, self._factor(1))
+        y, batch = normalize_batch(x, batch_plan, weight, bias, self.eps, running=running)
+        if tracking:
+            if batch is None:  # the kernel updated the buffers
+                self.num_batches_tracked.add_(1)
+            else:
+                self._update_running(*to_running(batch))
         return y
+
+    def _factor(self, ahead: int = 0) -> float:
+        """The weight of the batch in the running update (`ahead` batches not yet counted)."""
+        if self.momentum is None:  # a cumulative average
+            return 1.0 / (float(self.num_batches_tracked) + ahead)
+        return float(self.momentum)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
-        factor = (
-            1.0 / float(self.num_batches_tracked) if self.momentum is None else float(self.momentum)
-        )
+        factor = self._factor()
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
