@@ -236,15 +236,15 @@ def choose(
     if not center or x.device.type != "cpu" or not _mixed_ok(x, weight, bias):
         return None
     half = x.dtype in (torch.bfloat16, torch.float16)
-    run = layer_norm(x, p, weight, bias, eps)
-    if run is not None:
-        # ATen's half-precision layer norm accumulates γ and β gradients too coarsely (9%
-        # off the float32 sums in a test here): with an affine, its forward is used and
-        # normlab's kernel computes the backward.
-        affine = weight is not None or bias is not None
-        return (FORWARD_ONLY if half and affine else "layer_norm"), run
     tensors = [t for t in (x, weight, bias) if t is not None]
     inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    run = layer_norm(x, p, weight, bias, eps)
+    if run is not None:
+        # ATen's half-precision layer norm accumulates γ and β gradients too coarsely (4-9%
+        # off the float64 sums in a test here): with an affine and a gradient to come, its
+        # forward is used and normlab's kernel computes the backward.
+        affine = weight is not None or bias is not None
+        return (FORWARD_ONLY if half and affine and not inference else "layer_norm"), run
     run = group_norm(x, p, weight, bias, eps, inference)
     if run is not None:
         return "group_norm", run
