@@ -159,6 +159,11 @@ def test_bench_table_and_its_errors():
         bench.run(parser.parse_args(["--cases", "no-such-case"]))
     with pytest.raises(ValueError, match="--threads"):
         bench.run(parser.parse_args(["--threads", "0"]))
+    with pytest.raises(ValueError, match="expected --device cpu or cuda, got 'tpu'"):
+        bench.run(parser.parse_args(["--device", "tpu"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            bench.run(parser.parse_args(["--device", "cuda"]))
 
 
 def test_bench_table_has_the_hybrids_on_cnn_shapes():

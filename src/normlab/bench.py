@@ -164,7 +164,7 @@ def _saved_bytes(fn: Callable, x, params) -> int:  # noqa: ANN001
     return sum(seen.values())
 
 
-def measure(case: Case, repeats: int) -> dict[str, float | str]:
+def measure(case: Case, repeats: int, device: str = "cpu") -> dict[str, float | str]:
     """Median times (ms) of copy, torch, normlab (forward; forward+backward) and saved bytes."""
     import torch
 
@@ -172,13 +172,13 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=gen).to(dtype)
+    x = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype)
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref, mine = _modules(case)
-    ref = ref.to(dtype)
+    ref = ref.to(device=device, dtype=dtype)
     if isinstance(mine, torch.nn.Module):
-        mine = mine.to(dtype)
+        mine = mine.to(device=device, dtype=dtype)
     else:
         mine = _functional(ref, *_pattern_of(case))
     params = list(ref.parameters()) + (
@@ -186,7 +186,7 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
     )
     out = torch.empty_like(x)
     xg = x.detach().clone().requires_grad_()
-    grad = torch.randn(case.shape, generator=gen).to(dtype)
+    grad = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype)
     if case.channels_last:  # as a channels_last network would hand it back
         grad = grad.contiguous(memory_format=torch.channels_last)
 
@@ -207,6 +207,8 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
         "normlab_fb": both(mine),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
+    # a GPU runs asynchronously: wait for it before reading the clock
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad():  # forward timings without autograd bookkeeping
         fns["torch"](), fns["normlab"]()  # warm up (and compile)
     fns["torch_fb"](), fns["normlab_fb"]()
@@ -216,8 +218,10 @@ def measure(case: Case, repeats: int) -> dict[str, float | str]:
                 # run once untimed, then time: each measurement finds the thread pool it
                 # uses awake, whichever library ran before it
                 fn()
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[key].append(time.perf_counter() - start)
     result: dict[str, float | str] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     result["saved_torch"] = _saved_bytes(ref, xg, params)
@@ -338,6 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     parser.add_argument("--format", choices=("text", "md"), default="text")
+    parser.add_argument("--device", default="cpu", help="where to run: cpu (default) or cuda")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,13 +353,19 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"bench: expected --threads >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    device = getattr(args, "device", "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"bench: expected --device cpu or cuda, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"bench: --device {device} asked for, but no CUDA device is available")
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
     chosen = [c for c in cases(args.quick) if not wanted or any(matches(c, w) for w in wanted)]
     if not chosen:
         raise ValueError(f"bench: no case matches --cases {args.cases!r}; e.g. 'gn', 'cl', 'bf16'")
     repeats = args.repeats or (5 if args.quick else 11)
     header = [short for short, _ in COLUMNS]
-    print(f"# normlab bench: {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    where = f"{torch.get_num_threads()} threads" if device == "cpu" else device
+    print(f"# normlab bench: {where}, torch {torch.__version__}, "
           f"median of {repeats}; ratios of time, lower is better")  # fmt: skip
     if args.format == "md":
         print("| " + " | ".join(header) + " |")
@@ -362,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("  ".join(f"{h:>14}" if i else f"{h:<28}" for i, h in enumerate(header)))
     for case in chosen:
-        cells = row(case, measure(case, repeats))
+        cells = row(case, measure(case, repeats, device))
         if args.format == "md":
             print("| " + " | ".join(cells) + " |", flush=True)
         else:
