@@ -4,8 +4,9 @@ IBN-a (:class:`IBN`) normalizes the first ``int(planes·ratio)`` channels with a
 instance norm (no running statistics) and the remaining channels with batch norm; the
 submodules are named ``IN`` and ``BN`` so checkpoints of the official release load
 (``IN.weight``, ``BN.running_mean``, ...). While both are the plain layers built here,
-one statistics pass and one normalizing pass serve both halves (no split, no concatenation). The channels are split by explicit sizes,
-so odd ``planes`` and any ratio in (0, 1) work (the release's chunked split does not).
+one statistics pass and one normalizing pass serve both halves (no split, no
+concatenation). The channels are split by explicit sizes, so odd ``planes`` and any
+ratio in (0, 1) work (the release's chunked split does not).
 With ``sync=True`` the ``BN`` half is a :class:`~normlab.SyncBatchNorm` over
 ``process_group`` (None: the default group); the IN half is per sample.
 

@@ -6,8 +6,10 @@
 The instance-norm moments are computed once (pattern ``n c ... -> n c``); the
 layer-norm and batch-norm moments follow from them with Chan's formula
 (``Moments.reduce("c")`` and ``Moments.reduce("n")``), so one pass over the data
-serves all three, and a second one normalizes (:func:`~normlab.normalize.normalize_derived`). ``variance="release"`` (default) uses the *unbiased* instance
-variance everywhere, as the official release does (so its weights behave the same);
+serves all three, and a second one normalizes
+(:func:`~normlab.normalize.normalize_derived`). ``variance="release"`` (default) uses
+the *unbiased* instance variance everywhere, as the official release does (so its
+weights behave the same);
 ``variance="paper"`` uses the biased one, which makes each term the exact IN, LN
 and BN statistic.
 
