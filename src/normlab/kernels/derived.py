@@ -97,7 +97,7 @@ class DerivedFunction(torch.autograd.Function):
             # gx = r·w·gy + P·x + Q, P and Q from the gradient of the sets' own moments
             c, n = passes.canon, float(p.set_size)
             gmean, gvar = (
-                torch.zeros(r_set.shape, dtype=torch.float64) if g is None
+                torch.zeros_like(r_set, dtype=torch.float64) if g is None
                 else stats_from_plan(g.double(), p, c)
                 for g in got[:2]
             )  # fmt: skip
