@@ -23,13 +23,13 @@ def small_tensors_take_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_function, "threads", lambda: 3)
     cpu_function._layout.cache_clear()
     calls = []
-    original = derived.DerivedFunction.apply
+    original = derived.normalize_derived
 
     def counted(*args):
         calls.append(args[3].pattern.text)
         return original(*args)
 
-    monkeypatch.setattr(derived.DerivedFunction, "apply", counted)
+    monkeypatch.setattr(derived, "normalize_derived", counted)
     yield calls
     cpu_function._layout.cache_clear()
 
@@ -101,6 +101,13 @@ def _compare(m, x, fast_calls, dtype, steps=2):
             torch.testing.assert_close(mine.double(), theirs, atol=20 * tol * scale, rtol=10 * tol)
         for (name, b), (_, br) in zip(m.named_buffers(), ref.named_buffers(), strict=True):
             torch.testing.assert_close(b.double(), br.double(), atol=tol, rtol=tol, msg=name)
+    with torch.no_grad():  # inference: the passes without autograd
+        before = len(fast_calls)
+        y = m(x)
+        assert len(fast_calls) == before + 1
+        with use_reference():
+            yr = ref(x.double())
+        torch.testing.assert_close(y.double(), yr, atol=10 * tol, rtol=tol)
 
 
 @pytest.mark.parametrize("kind", KINDS)

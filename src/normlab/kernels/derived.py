@@ -25,6 +25,7 @@ import torch
 from normlab.kernels import reference
 from normlab.kernels.canonical import Canonical, stats_from_plan, stats_to_plan
 from normlab.moments import stats_dtype
+from normlab.pattern import Plan
 
 
 class Passes(Protocol):
@@ -55,14 +56,42 @@ class Passes(Protocol):
         """gx = rstd·(gy·w − k1 − x̂·k2) with per-set k1, k2."""
 
 
+def normalize_derived(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: Plan,
+    derive: reference.Derive,
+    passes: Passes,
+    inputs: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)`` on the backend's passes; through autograd only when grad is on."""
+    if torch.is_grad_enabled():
+        return DerivedFunction.apply(x, weight, bias, p, derive, passes, *inputs)
+    mean, var = _moments(x, p, passes)
+    m, r = derive(mean, var, *inputs)
+    return _output(x, p, passes, m, r)[0], mean, var
+
+
+def _moments(x: torch.Tensor, p: Plan, passes: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    sdtype = stats_dtype(x.dtype)
+    mean, var = (stats_to_plan(t.to(sdtype), p, passes.canon) for t in passes.moments(x))
+    return mean, var
+
+
+def _output(x: torch.Tensor, p: Plan, passes: Passes, m: torch.Tensor, r: torch.Tensor):  # noqa: ANN202
+    """y, and the statistics it was normalized with per set (canonical order)."""
+    sdtype = stats_dtype(x.dtype)
+    m_set, r_set = (stats_from_plan(t.detach().to(sdtype), p, passes.canon) for t in (m, r))
+    return passes.normalize(x, m_set, r_set), m_set, r_set
+
+
 class DerivedFunction(torch.autograd.Function):
     """``(y, mean, var)``: the output and the sets' own moments (not differentiable)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, p, derive, passes, *inputs):  # noqa: ANN001, ANN205
-        c = passes.canon
-        sdtype = stats_dtype(x.dtype)
-        mean, var = (stats_to_plan(t.to(sdtype), p, c) for t in passes.moments(x))
+        mean, var = _moments(x, p, passes)
         grads = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6:])
         with torch.enable_grad() if grads else torch.no_grad():
             leaves = [mean.clone().requires_grad_(grads), var.clone().requires_grad_(grads)]
@@ -71,8 +100,7 @@ class DerivedFunction(torch.autograd.Function):
                 for t, need in zip(inputs, ctx.needs_input_grad[6:], strict=True)
             ]
             m, r = derive(*leaves)
-        m_set, r_set = (stats_from_plan(t.detach().to(sdtype), p, c) for t in (m, r))
-        y = passes.normalize(x, m_set, r_set)
+        y, m_set, r_set = _output(x, p, passes, m, r)
         ctx.save_for_backward(x, weight, bias, m_set, r_set, *inputs)
         ctx.graph = (m, r, leaves) if grads else None
         ctx.args = (p, derive, passes)

@@ -280,11 +280,11 @@ def normalize_derived(
         )
     if kind == "reference":
         return reference.normalize_derived(x, p, derive, weight, bias, inputs)
-    from normlab.kernels.derived import DerivedFunction
+    from normlab.kernels import derived
 
     if kind == "cpu":
         from normlab.kernels.cpu_function import NumbaPasses as Passes
     else:
         from normlab.kernels.gpu_function import TritonPasses as Passes
     xin = x if _dense(x) else x.contiguous()
-    return DerivedFunction.apply(xin, weight, bias, p, derive, Passes(what), *inputs)
+    return derived.normalize_derived(xin, weight, bias, p, derive, Passes(what), inputs)
