@@ -1036,50 +1036,15 @@ def forward(x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps
     if fused:
         _run(_forward_fused_bf16 if bf16 else _forward_fused, chunks, x, y, shape, gs, mean, var, rstd, w, bias, oa, ob, oc, od, mode, eps, center, tasks, part)  # fmt: skip
         return
-    ntasks, C = len(tasks), shape[2]
-    pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
-    _run(_partial_stats_bf16 if bf16 else _partial_stats, chunks, x, shape, center, tasks, pmean, pm2, pcount)  # fmt: skip
     cdtype = np.float32 if bf16 else x.dtype
-    mcol, rcol = np.empty((shape[0], C), cdtype), np.empty((shape[0], C), cdtype)
-    _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol)
-    _run(
-        _apply_tasks_bf16 if bf16 else _apply_tasks,
-        chunks,
-        x,
-        y,
-        shape,
-        mcol,
-        rcol,
-        w,
-        bias,
-        oa,
-        ob,
-        oc,
-        od,
-        mode,
-        tasks,
-    )
+    mcol, rcol = np.empty((shape[0], shape[2]), cdtype), np.empty((shape[0], shape[2]), cdtype)
+    stats(x, shape, gs, tasks, chunks, mean, var, rstd, eps, mcol, rcol, center)
+    apply(x, y, shape, mcol, rcol, w, bias, oa, ob, oc, od, mode, tasks, chunks)
 
 
 def apply(x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks, chunks):
     """y = (x − mean)·rstd·w + bias with given per-column statistics (running estimates)."""
-    _run(
-        _apply_tasks_bf16 if x.dtype == np.uint16 else _apply_tasks,
-        chunks,
-        x,
-        y,
-        shape,
-        mean,
-        rstd,
-        w,
-        bias,
-        oa,
-        ob,
-        oc,
-        od,
-        mode,
-        tasks,
-    )
+    _run(_apply_tasks_bf16 if x.dtype == np.uint16 else _apply_tasks, chunks, x, y, shape, mean, rstd, w, bias, oa, ob, oc, od, mode, tasks)  # fmt: skip
 
 
 def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, chunks, fused, dw, db, part=FULL, s1=None, s2=None):  # fmt: skip
@@ -1089,21 +1054,19 @@ def backward(x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, c
     own, so gx carries the terms of their gradient (−mean(g), −x̂·mean(g·x̂)), summed
     over each set's `gs` columns; otherwise gx = gy·w·rstd.
     """
-    rows = (dw, db)  # each chunk accumulates into its own row: no two threads share one
     bf16 = x.dtype == np.uint16
     if fused:
         if s1 is None:  # FULL: the per-set arrays are not used
             s1 = s2 = np.zeros((x.shape[0], max(1, shape[2] // gs)))
-        _run(_backward_fused_bf16 if bf16 else _backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, rows=rows)  # fmt: skip
+        # each chunk accumulates into its own row of dw, db: no two threads share one
+        _run(_backward_fused_bf16 if bf16 else _backward_fused, chunks, x, gy, gx, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, batch, center, tasks, part, s1, s2, rows=(dw, db))  # fmt: skip
         return
-    A, _, C, D = shape
-    psg, psgx = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
-    _run(_partial_grad_sums_bf16 if bf16 else _partial_grad_sums, chunks, x, gy, shape, mean, rstd, w, oa, ob, oc, od, mode, tasks, psg, psgx, rows=rows)  # fmt: skip
+    s1, s2 = grad_sums(x, gy, shape, gs, mean, rstd, w, oa, ob, oc, od, mode, tasks, chunks, dw, db)  # fmt: skip
     cdtype = np.float32 if bf16 else x.dtype
-    k1, k2 = np.zeros((A, C), cdtype), np.zeros((A, C), cdtype)
-    if batch:
-        _merge_grad_sums(tasks, psg, psgx, gs, float(shape[1] * D * gs), center, k1, k2)
-    _run(_grad_input_tasks_bf16 if bf16 else _grad_input_tasks, chunks, x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks)  # fmt: skip
+    n = float(shape[1] * shape[3] * gs)  # elements per set
+    k1 = (s1 / n if batch and center else 0 * s1).astype(cdtype)
+    k2 = (s2 / n if batch else 0 * s2).astype(cdtype)
+    grad_input(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, od, mode, tasks, chunks)
 
 
 def split_tasks(
@@ -1140,12 +1103,12 @@ def split_tasks(
 # (statistics derived from other statistics: the hybrid norms).
 
 
-def stats(x, shape, gs, tasks, chunks, mean, var, rstd, eps, mcol, rcol):
+def stats(x, shape, gs, tasks, chunks, mean, var, rstd, eps, mcol, rcol, center=True):
     """Batch statistics only: per set (mean, var, rstd) and per column (mcol, rcol)."""
     bf16 = x.dtype == np.uint16
     ntasks, C = len(tasks), shape[2]
     pmean, pm2, pcount = np.empty((ntasks, C)), np.empty((ntasks, C)), np.empty((ntasks, C))
-    _run(_partial_stats_bf16 if bf16 else _partial_stats, chunks, x, shape, True, tasks, pmean, pm2, pcount)  # fmt: skip
+    _run(_partial_stats_bf16 if bf16 else _partial_stats, chunks, x, shape, center, tasks, pmean, pm2, pcount)  # fmt: skip
     _merge_stats(tasks, pmean, pm2, pcount, gs, mean, var, rstd, eps, mcol, rcol)
 
 
