@@ -14,7 +14,7 @@ import pytest
 import torch.multiprocessing as mp
 
 
-def spawn(worker, world, deadline=50.0):
+def spawn(worker, world, deadline=180.0):
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.start_processes(
             worker,

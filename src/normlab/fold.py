@@ -30,8 +30,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from normlab.convert import _trusted, is_norm
-from normlab.freeze import FrozenBatchNorm
+from normlab.conversion.recognize import is_norm, trusted
+from normlab.layers.frozen import FrozenBatchNorm
 from normlab.layers.norm_act import NormAct
 from normlab.tracing import NormTracer
 
@@ -40,7 +40,7 @@ _LAYERS = (_ConvNd, nn.Linear)
 
 def _foldable_norm(module: nn.Module) -> bool:
     kinds = isinstance(module, (_BatchNorm, FrozenBatchNorm))
-    return kinds and _trusted(type(module)) and not getattr(module, "per_activation", False)
+    return kinds and trusted(type(module)) and not getattr(module, "per_activation", False)
 
 
 def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -59,7 +59,7 @@ def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _foldable_layer(module: nn.Module) -> bool:
-    if not isinstance(module, _LAYERS) or not _trusted(type(module)):
+    if not isinstance(module, _LAYERS) or not trusted(type(module)):
         return False
     return not isinstance(module.weight, nn.parameter.UninitializedParameter)
 

@@ -1,10 +1,9 @@
-"""Frozen batch norm, freeze/unfreeze, and recomputing running statistics.
+"""freeze/unfreeze batch norm in a model, and recomputing running statistics.
 
-A frozen batch norm is batch norm in eval mode made permanent: its γ, β and running
-statistics are buffers, so neither training mode nor an optimizer changes them (the
-usual choice for detection backbones trained with small batches). It has batch norm's
-state_dict keys (``num_batches_tracked`` is accepted and ignored), so checkpoints load
-both ways.
+``freeze`` turns every batch norm into a :class:`~normlab.FrozenBatchNorm` (batch norm
+in eval mode made permanent: γ, β and running statistics as buffers), ``unfreeze``
+turns them back into trainable batch norms, and ``update_stats`` recomputes running
+statistics from data, as ``torch.optim.swa_utils.update_bn`` does.
 """
 
 from __future__ import annotations
@@ -16,75 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.convert import Where, _predicate, convert_all, is_batch_norm
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
-from normlab.normalize import normalize_with
-from normlab.pattern import plan
+from normlab.conversion.recognize import is_batch_norm
+from normlab.conversion.traverse import Where, predicate, replace_with
+from normlab.layers.batchnorm import BatchNorm
+from normlab.layers.checks import describe
+from normlab.layers.frozen import FrozenBatchNorm
 
-
-class FrozenBatchNorm(nn.Module):
-    """Batch norm of any rank (N, C, ...) with fixed statistics and affine, even in train mode.
-
-    y = (x − running_mean)·rsqrt(running_var + eps)·weight + bias: a per-channel scale and
-    shift, computed by the same engine as batch norm's eval mode (so a frozen layer gives
-    exactly what the batch norm gave in eval).
-
-    Example:
-        >>> FrozenBatchNorm(16)(torch.randn(2, 16, 5, 5)).shape
-        torch.Size([2, 16, 5, 5])
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        channel_axis: int = 1,
-    ) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"FrozenBatchNorm: expected num_features a positive int, got {num_features!r}"
-            )
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-            raise ValueError(f"FrozenBatchNorm: expected eps >= 0, got {eps!r}")
-        self.num_features, self.eps = num_features, float(eps)
-        self.channel_axis = check_channel_axis(channel_axis)
-        kind = {"device": device, "dtype": dtype}
-        self.register_buffer("weight", torch.ones(num_features, **kind))
-        self.register_buffer("bias", torch.zeros(num_features, **kind))
-        self.register_buffer("running_mean", torch.zeros(num_features, **kind))
-        self.register_buffer("running_var", torch.ones(num_features, **kind))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.channel_axis % max(x.dim(), 1)
-        check_input(self, x, None, self.num_features, axis)
-        p = plan("n c ... -> c" if self.channel_axis == 1 else "n ... c -> c", x.shape)
-        weight = channel_view(self.weight, x.dim(), axis)
-        bias = channel_view(self.bias, x.dim(), axis)
-        return normalize_with(x, p, self.running_mean, self.running_var, weight, bias, self.eps)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list,
-        unexpected_keys: list,
-        error_msgs: list,
-    ) -> None:
-        # A batch norm's checkpoint has a step counter; frozen statistics need none.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def extra_repr(self) -> str:
-        extra = f"{self.num_features}, eps={self.eps}"
-        return extra + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+__all__ = ["FrozenBatchNorm", "freeze", "unfreeze", "update_stats"]
 
 
 def _model(model: object, who: str) -> nn.Module:
@@ -103,7 +40,7 @@ def freeze(model: nn.Module, *, where: Where = None) -> nn.Module:
         'FrozenBatchNorm'
     """
     _model(model, "freeze")
-    select = _predicate(where)
+    select = predicate(where)
     for name, m in model.named_modules():
         if is_batch_norm(m) and select(name, m) and m.running_mean is None:
             raise ValueError(
@@ -111,7 +48,7 @@ def freeze(model: nn.Module, *, where: Where = None) -> nn.Module:
                 f"there is nothing to freeze; expected track_running_stats=True (or exclude it "
                 f"with where=)"
             )
-    return convert_all(model, FrozenBatchNorm, where=lambda n, m: is_batch_norm(m) and select(n, m))
+    return replace_with(model, FrozenBatchNorm, lambda n, m: is_batch_norm(m) and select(n, m))
 
 
 def unfreeze(model: nn.Module, *, where: Where = None, **options: Any) -> nn.Module:
@@ -123,9 +60,9 @@ def unfreeze(model: nn.Module, *, where: Where = None, **options: Any) -> nn.Mod
         'BatchNorm'
     """
     _model(model, "unfreeze")
-    select = _predicate(where)
-    return convert_all(
-        model, "bn", where=lambda n, m: isinstance(m, FrozenBatchNorm) and select(n, m), **options
+    select = predicate(where)
+    return replace_with(
+        model, BatchNorm, lambda n, m: isinstance(m, FrozenBatchNorm) and select(n, m), **options
     )
 
 

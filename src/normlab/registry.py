@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from normlab import layers
+from normlab.layers.frozen import FrozenBatchNorm
+from normlab.sync import SyncBatchNorm
 
 Factory = Callable[..., nn.Module]
 
@@ -139,19 +141,7 @@ for _norm in ("bn", "gn"):
 del _norm, _act
 
 
-def _sync_batch_norm(channels: int, **options: object) -> nn.Module:
-    from normlab.sync import SyncBatchNorm
-
-    return SyncBatchNorm(channels, **options)
-
-
-def _frozen_batch_norm(channels: int, **options: object) -> nn.Module:
-    from normlab.freeze import FrozenBatchNorm
-
-    return FrozenBatchNorm(channels, **options)
-
-
 register(
-    "syncbn", _sync_batch_norm, "batch norm synchronized over the processes of a distributed group"
+    "syncbn", SyncBatchNorm, "batch norm synchronized over the processes of a distributed group"
 )
-register("frozenbn", _frozen_batch_norm, "frozen batch norm: fixed statistics and affine (buffers)")
+register("frozenbn", FrozenBatchNorm, "frozen batch norm: fixed statistics and affine (buffers)")
