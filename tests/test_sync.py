@@ -317,3 +317,44 @@ def test_torch_sync_batch_norm_reverts():
 def test_moments_type_is_kept():
     m = Moments(torch.zeros(2), torch.ones(2), torch.full((2,), 4.0), ("c",))
     assert synchronized_moments(m).axes == ("c",)
+
+
+# ----------------------------------------------------------------- mismatched processes
+
+
+def _mismatch_worker(rank, world, init_file, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        out = {}
+        channels = C + rank  # a different channel count on each process
+        layer = SyncBatchNorm(channels, dtype=torch.float64)
+        try:
+            layer(torch.randn(4, channels, 2, dtype=torch.float64))
+            out["error"] = None
+        except ValueError as error:
+            out["error"] = str(error)
+        # the process and its group survive: a matching layer synchronizes afterwards
+        same = SyncBatchNorm(C, dtype=torch.float64)
+        x = torch.full((2, C, 1), float(rank), dtype=torch.float64)
+        same(x)
+        out["mean"] = same.running_mean.clone()
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_different_channel_count_on_each_process_raises_on_every_process():
+    results = spawn(_mismatch_worker, 2)
+    for rank, r in enumerate(results):
+        assert r["error"] is not None
+        assert f"expected statistics of shape ({C + rank},)" in r["error"]
+        assert f"got ({C},) on rank 0, ({C + 1},) on rank 1" in r["error"]
+        # mean of the whole batch (values 0 and 1, equally many) is 0.5; momentum 0.1
+        torch.testing.assert_close(r["mean"], torch.full((C,), 0.05, dtype=torch.float64))
