@@ -6,6 +6,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -432,3 +434,149 @@ def test_bn_to_ibn_and_back_carries_the_parts():
     assert "IN.weight+BN.weight->weight" in report.replaced[0].carried
     assert "BN.num_batches_tracked->num_batches_tracked" in report.replaced[0].carried
     assert report.not_carried["0"] == ["running_mean (IN has none)", "running_var (IN has none)"]
+
+
+# ----------------------------------------------------------------- recognised by behaviour
+
+
+class TimmLayerNorm2d(nn.LayerNorm):
+    """timm.layers.LayerNorm2d (timm 1.0), copied here: timm imports torchvision at import
+    time, which this test environment cannot install. A LayerNorm over C of NCHW data."""
+
+    def __init__(self, num_channels, eps=1e-6, affine=True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ForwardAsBase(nn.LayerNorm):
+    """Overrides forward with the base's computation (timm's LayerNorm does this)."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class ScaledRMS(nn.Module):
+    """A T5/Llama-style RMS norm under another name: weight, `epsilon`, no torch base."""
+
+    def __init__(self, d, epsilon=1e-3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.epsilon = epsilon
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.epsilon) * self.weight
+
+
+class NotANorm(nn.Module):
+    """Has a weight vector and an eps, but only scales: must not be taken for a norm."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * self.weight + self.eps
+
+
+class DoublingLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _transformer(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), norm, nn.GELU(), nn.Linear(16, 16), nn.LayerNorm(16))
+
+
+def test_ln_keeps_a_transformer_layer_norm_per_token():
+    model = randomize_norms(_transformer(nn.LayerNorm(16)))
+    x = torch.randn(3, 5, 6) * 4 + 1
+    expected = model(x)
+    model, report = convert(model, "ln")
+    assert all(type(m) is normlab.LayerNorm and m.channel_axis == -1 for m in model[1::3])
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # a CNN's batch norm still becomes the per-sample layer norm over channels and positions
+    (new,), _ = convert(nn.Sequential(nn.BatchNorm2d(4)), "ln")
+    assert type(new) is normlab.GroupNorm and new.num_groups == 1
+
+
+def test_timm_layer_norm_2d_converts_with_outputs_unchanged():
+    layer = randomize_norms(nn.Sequential(TimmLayerNorm2d(6)))
+    x = torch.randn(2, 6, 5, 7) * 3 + 2
+    expected = layer(x)
+    for to, kind in (("ln2d", normlab.LayerNorm2d), ("ln", normlab.LayerNorm)):
+        (new,), report = convert(copy.deepcopy(layer), to)
+        assert isinstance(new, kind) and new.channel_axis == 1 and new.eps == 1e-6
+        torch.testing.assert_close(new(x), expected, rtol=1e-5, atol=1e-5)
+    (new,), _ = convert(copy.deepcopy(layer), "rms")  # an RMS norm over the same axis
+    w = layer[0].weight.reshape(-1, 1, 1)
+    expected = x * torch.rsqrt(x.square().mean(1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(new(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_subclass_whose_forward_is_the_base_computation_is_the_base():
+    layer = randomize_norms(nn.Sequential(ForwardAsBase(8)))
+    x = torch.randn(2, 3, 8)
+    (new,), _ = convert(copy.deepcopy(layer), "ln")
+    assert type(new) is normlab.LayerNorm
+    torch.testing.assert_close(new(x), layer(x))
+
+
+def test_rms_norm_without_a_torch_base_is_recognised_by_behaviour():
+    torch.manual_seed(0)
+    norm = ScaledRMS(8)
+    assert is_norm(norm) and not is_norm(NotANorm(8))
+    model = nn.Sequential(nn.Linear(4, 8), norm, nn.Linear(8, 8), NotANorm(8))
+    x = torch.randn(3, 2, 4) * 1e-2  # small enough that epsilon (1e-3) matters
+    expected = model(x)
+    model, report = convert(model, "rms")
+    assert [r.name for r in report.replaced] == ["1"]
+    assert type(model[1]) is normlab.RMSNorm and model[1].eps == 1e-3
+    assert type(model[3]) is NotANorm
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_behaviour_that_cannot_be_kept_still_raises():
+    with pytest.raises(TypeError, match=r"0 \(DoublingLayerNorm.*overrides forward"):
+        convert(nn.Sequential(DoublingLayerNorm(8)), "ln")
+
+
+class HandWrittenNorm(nn.Module):
+    """A per-position norm written out by hand, under a name no tool knows."""
+
+    def __init__(self, d, eps, centered, axis):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d, dtype=torch.float64) + 0.5)
+        self.bias = nn.Parameter(torch.randn(d, dtype=torch.float64)) if centered else None
+        self.variance_epsilon, self.centered, self.axis = eps, centered, axis
+
+    def forward(self, x):
+        h = x.movedim(self.axis, -1)
+        if self.centered:
+            h = h - h.mean(-1, keepdim=True)
+        y = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.variance_epsilon)
+        y = y * self.weight + (self.bias if self.bias is not None else 0)
+        return y.movedim(-1, self.axis)
+
+
+@given(
+    d=st.integers(2, 12),
+    eps=st.sampled_from([1e-6, 1e-5, 1e-3, 0.1]),
+    centered=st.booleans(),
+    axis=st.sampled_from([1, -1]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_per_position_norm_is_recognised_and_kept_like_for_like(d, eps, centered, axis, seed):
+    torch.manual_seed(seed)
+    norm = HandWrittenNorm(d, eps, centered, axis)
+    x = torch.randn((2, d, 3, 4) if axis == 1 else (2, 5, d), dtype=torch.float64) + 1
+    expected = norm(x)
+    new, report = convert(norm, "ln" if centered else "rms")
+    assert new.channel_axis == axis and new.eps == eps
+    assert type(new) is (normlab.LayerNorm if centered else normlab.RMSNorm)
+    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-9)
