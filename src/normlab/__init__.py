@@ -44,12 +44,14 @@ from normlab.layers import (
 from normlab.moments import Moments, combine, moments
 from normlab.normalize import normalize
 from normlab.pattern import parse_pattern, plan
+from normlab.quantization import FUSER_METHODS
 from normlab.registry import available_norms, create_norm, register
 from normlab.sync import SyncBatchNorm, revert_sync_batchnorm, synchronized_moments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FUSER_METHODS",
     "BatchNorm",
     "Explanation",
     "BatchNorm1d",
