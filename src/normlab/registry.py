@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from normlab import layers
+import normlab.layers as layers
 from normlab.layers.frozen import FrozenBatchNorm
 from normlab.sync import SyncBatchNorm
 
