@@ -112,7 +112,7 @@ def test_channels_last_equals_channels_first():
 
 def test_registry_and_pickle():
     m = create_norm("ibn", 16, ratio=0.25)
-    assert isinstance(m, IBN) and m.half == 4
+    assert isinstance(m, IBN) and m.instance_channels == 4
     clone = pickle.loads(pickle.dumps(m))
     x = torch.randn(2, 16, 3, 3)
     torch.testing.assert_close(clone(x), m(x))

@@ -181,7 +181,7 @@ def release_of(layer: nn.Module) -> nn.Module:
             f"got using_bn={layer.using_bn}, variance={layer.variance!r}"
         )
     if isinstance(layer, IBN):
-        release = ReleaseIBN(layer.planes, layer.half, layer.BN.eps, layer.BN.momentum)
+        release = ReleaseIBN(layer.planes, layer.instance_channels, layer.BN.eps, layer.BN.momentum)
         values = {f"IN.{k}": getattr(layer.IN, k) for k in ("weight", "bias")}
         values |= {f"BN.{k}": v for k, v in layer.BN.state_dict().items()}
     elif isinstance(layer, BatchInstanceNorm):

@@ -22,6 +22,8 @@ to the reference path when numba is missing.
 # ruff: noqa: ANN001, ANN201, ANN202  (Numba infers kernel types from the call)
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -182,8 +184,11 @@ def _stats(xa, B, C, D, b_lo, b_hi, c_lo, c_hi, center, mean, m2, count, s, q, e
                 f2 = before * n / tot
                 for c in range(c0, c1):
                     if center:
-                        mb = s[c] + e[c] * inv_n
-                        qb = max(q[c] - e[c] * e[c] * inv_n, 0.0)
+                        # in float64: e² in float32 overflows on huge input (|x| ~ 1e30),
+                        # and inf − inf would make the variance NaN instead of inf
+                        ec = np.float64(e[c])
+                        mb = s[c] + ec * inv_n
+                        qb = max(np.float64(q[c]) - ec * ec * inv_n, 0.0)
                         delta = mb - mean[c]
                         mean[c] += delta * f1
                         m2[c] += qb + delta * delta * f2
@@ -255,6 +260,19 @@ def _normalize(xa, ya, B, C, D, b_lo, b_hi, c_lo, c_hi, ma, ra, w, bias, oa_, ob
                 ys[i] = (xs[i] - mav[i]) * rav[i] * w[o] + bias[o]
 
 
+@njit(nogil=True, cache=True)
+def _rstd(var, eps):
+    """1/√(var + eps) as torch.rsqrt gives it: +inf for a zero sum, never a division by zero.
+
+    Statistics-only passes run with eps = 0 (the caller adds its own eps to statistics it
+    derives), so a set of equal values (a black image, a dead channel) has var + eps = 0.
+    """
+    t = var + eps
+    if t == 0.0:
+        return np.inf
+    return 1.0 / np.sqrt(t)
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, s_lo, s_hi):
     """Chan-merge groups of `gs` adjacent columns into one set each (sets s_lo:s_hi);
@@ -270,9 +288,9 @@ def _fold(pm, pq, pn, gs, a, mean, var, rstd, eps, mcol, rcol, s_lo, s_hi):
                 m += delta * pn[j] / tot
                 q += pq[j] + delta * delta * n * pn[j] / tot
                 n = tot
-        v = q / n
-        r = 1.0 / np.sqrt(v + eps)
-        mean[a, c] = m
+        v = q / n if n > 0 else np.nan  # an empty set has no moments (torch: NaN)
+        r = _rstd(v, eps)
+        mean[a, c] = m if n > 0 else np.nan
         var[a, c] = v
         rstd[a, c] = r
         for j in range(c * gs, c * gs + gs):
@@ -316,7 +334,7 @@ def _forward_rows(x, y, B, D, mean, var, rstd, w, bias, oa, ob, oc, od, mode, ep
                 q += v * v
             mu = np.float64(m) + np.float64(e) / n if center else 0.0
             var_ = max(np.float64(q) - np.float64(e) * e / n, 0.0) / n if center else q / n
-            r = 1.0 / np.sqrt(var_ + eps)
+            r = _rstd(var_, eps)
             mean[a, 0] = mu
             var[a, 0] = var_
             rstd[a, 0] = r
@@ -1004,6 +1022,16 @@ def _grad_input_tasks_bf16(x, gy, gx, shape, mean, rstd, k1, k2, w, oa, ob, oc, 
 # chunk on the calling thread), so no OpenMP runtime competes with torch's for cores.
 
 _pool: list = [None, 0]  # the executor and its number of workers
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool came along without its threads (only the
+    forking thread survives a fork), so waiting on it would block forever; start afresh."""
+    _pool[0], _pool[1] = None, 0
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run(fn, chunks: np.ndarray, *args, rows: tuple | None = None) -> None:

@@ -16,19 +16,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
-from normlab.layers.tracked import check_eps_momentum, check_positive_int
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_eps_momentum,
+    check_input,
+    check_positive_int,
+    describe,
+)
+from normlab.layers.running import add_missing_counter, empty_batch
 from normlab.moments import batch_stats, from_stats
 from normlab.normalize import normalize_plan, normalize_with
 from normlab.pattern import plan
 
 
 def _affine(module: nn.Module, num_features: int, factory: dict, *extra: str) -> None:
-    module.weight = nn.Parameter(torch.ones(num_features, **factory))
-    module.bias = nn.Parameter(torch.zeros(num_features, **factory))
-    for name in extra:  # v (EvoNorm) starts at 1, τ (TLU) at 0
-        init = torch.ones if name == "v" else torch.zeros
-        setattr(module, name, nn.Parameter(init(num_features, **factory)))
+    for name in ("weight", "bias", *extra):
+        setattr(module, name, nn.Parameter(torch.empty(num_features, **factory)))
+    _reset_affine(module)
+
+
+def _reset_affine(module: nn.Module) -> None:
+    """γ = 1, β = 0, v (EvoNorm) = 1, τ (TLU) = 0."""
+    nn.init.ones_(module.weight)
+    nn.init.zeros_(module.bias)
+    if getattr(module, "v", None) is not None:
+        nn.init.ones_(module.v)
+    if getattr(module, "tau", None) is not None:
+        nn.init.zeros_(module.tau)
 
 
 def _instance_pattern(channel_axis: int) -> str:
@@ -64,10 +79,18 @@ class FilterResponseNorm(nn.Module):
         self.learnable_eps, self.tlu = bool(learnable_eps), bool(tlu)
         factory = {"device": device, "dtype": dtype}
         _affine(self, num_features, factory, *(("tau",) if self.tlu else ()))
+        self._initial_eps = float(eps)
         if self.learnable_eps:
             self.eps = nn.Parameter(torch.tensor(float(eps), **factory))
         else:
             self.eps = float(eps)
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, τ = 0 and a learnable ε back to its initial value."""
+        _reset_affine(self)
+        if self.learnable_eps:
+            with torch.no_grad():
+                self.eps.fill_(self._initial_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
@@ -114,13 +137,23 @@ class EvoNormB0(nn.Module):
     ) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "EvoNormB0")
-        check_eps_momentum(eps, momentum, "EvoNormB0")
+        check_eps_momentum(eps, momentum, "EvoNormB0", positive=True)
         self.eps, self.momentum = float(eps), momentum
         self.channel_axis = check_channel_axis(channel_axis)
         factory = {"device": device, "dtype": dtype}
         _affine(self, num_features, factory, "v")
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        """Running variance 1, no batch counted."""
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, v = 1, fresh running statistics."""
+        _reset_affine(self)
+        self.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
@@ -131,7 +164,10 @@ class EvoNormB0(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         p = plan(_instance_pattern(self.channel_axis), x.shape)
-        if self.training and p.set_size * x.shape[0] <= 1:
+        if x.numel() == 0:
+            weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
+            return empty_batch(self, x, weight, bias)
+        if self.training and p.set_size * x.shape[0] == 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 value per channel when training, "
                 f"got input of shape {tuple(x.shape)}"
@@ -150,6 +186,21 @@ class EvoNormB0(nn.Module):
         y = xs / torch.maximum(std_b, v * xs + std_i)
         y = y * channel_view(self.weight, x.dim(), axis) + channel_view(self.bias, x.dim(), axis)
         return y.to(x.dtype)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        add_missing_counter(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @torch.no_grad()
     def _update_running(self, unbiased_var: torch.Tensor) -> None:
@@ -211,6 +262,10 @@ class EvoNormS0(nn.Module):
         self.eps = float(eps)
         self.channel_axis = check_channel_axis(channel_axis)
         _affine(self, num_features, {"device": device, "dtype": dtype}, "v")
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, v = 1."""
+        _reset_affine(self)
 
     def pattern(self) -> str:
         """The variance's pattern; size ``g`` is `num_groups`."""

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from normlab.layers.checks import channel_view, check_input, describe
+from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
-from normlab.moments import Moments, from_stats
+from normlab.moments import Moments, from_stats, stats_dtype
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
 from normlab.sync import group_moments, synchronizing
@@ -67,7 +68,13 @@ class BatchInstanceNorm(TrackedNorm):
             sync=sync,
             process_group=process_group,
         )
-        self.gate = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, gate ρ = 1 (batch norm), fresh running statistics."""
+        super().reset_parameters()
+        nn.init.ones_(self.gate)
 
     def patterns(self) -> tuple[str, str]:
         """The (batch, instance) statistics patterns."""
@@ -84,6 +91,9 @@ class BatchInstanceNorm(TrackedNorm):
                 f"got shape {tuple(x.shape)}"
             )
         ip = plan(self.patterns()[1], x.shape)
+        if x.numel() == 0:  # no statistics: count the batch, leave the buffers
+            weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
+            return empty_batch(self, x, weight, bias)
         if self.training and ip.set_size <= 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 spatial element when training, "
@@ -103,9 +113,11 @@ class BatchInstanceNorm(TrackedNorm):
             else:
                 bn_mean, bn_var = self.running_mean, self.running_var
             r_in, r_bn = torch.rsqrt(inst.var + self.eps), torch.rsqrt(bn_var + self.eps)
-            rho = gate.clamp(0, 1)
+            rho = gate.to(stats_dtype(gate.dtype)).clamp(0, 1)  # the mixture in float32 at least
             r = rho * r_bn + (1 - rho) * r_in
-            m = (rho * r_bn * bn_mean + (1 - rho) * r_in * inst.mean) / r
+            shift = rho * r_bn * bn_mean + (1 - rho) * r_in * inst.mean
+            # r = 0 (infinite variances) makes the shift 0 too: mean 0, not 0/0
+            m = shift / torch.where(r > 0, r, torch.ones_like(r))
             return ip.to_stats(m), ip.to_stats(r)
 
         weight = channel_view(self.weight, x.dim(), axis)

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe, drop_bias
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_eps_momentum,
+    check_input,
+    describe,
+    drop_bias,
+)
 from normlab.layers.running import RunningStatsMixin
 from normlab.pattern import plan
 
@@ -21,6 +28,9 @@ class _BatchNormForward(RunningStatsMixin):
     _ranks: tuple[int, ...] | None = None
 
     def _setup(self, channel_axis: int, per_activation: bool = False) -> None:
+        # torch refuses eps <= 0 only when a training batch comes (eps = 0 gives NaN for a
+        # set of equal values, eps < 0 NaN anywhere): refused here, at construction
+        check_eps_momentum(self.eps, self.momentum, type(self).__name__, positive=True)
         self.channel_axis = check_channel_axis(channel_axis)
         self.per_activation = bool(per_activation)
 

@@ -1,4 +1,9 @@
-"""Input checks shared by the layers: one place for the wording of every error."""
+"""Argument and input checks shared by the layers: one place for the wording of every error.
+
+Every message reads ``"<who>: expected …, got …"``. Constructor arguments are checked
+here, once, at construction; ``forward`` only checks what depends on the input
+(:func:`check_input`), so that it stays cheap and traceable.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,73 @@ from normlab.errors import check_floating
 
 def describe(module: nn.Module) -> str:
     return f"{type(module).__name__}({module.extra_repr()})"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_int(value: object, who: str, name: str = "num_features") -> int:
+    """`value` must be an int >= 1 (a channel or group count).
+
+    Example:
+        >>> check_positive_int(0, "GroupNorm", "num_channels")
+        Traceback (most recent call last):
+        ValueError: GroupNorm: expected num_channels a positive int, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{who}: expected {name} a positive int, got {value!r}")
+    return value
+
+
+def check_eps(eps: object, who: str, *, positive: bool = False) -> float:
+    """`eps` must be a finite float >= 0, or > 0 with `positive` (layers that divide by
+    the root of a batch variance, which is 0 for a set of equal values: torch's batch
+    norm refuses eps = 0 in training; normlab refuses it at construction)."""
+    bound = "> 0" if positive else ">= 0"
+    if (
+        not _is_number(eps)
+        or eps != eps
+        or eps in (float("inf"), float("-inf"))
+        or eps < 0
+        or (positive and eps == 0)
+    ):
+        raise ValueError(f"{who}: expected eps a finite float {bound}, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum: object, who: str) -> float | None:
+    """`momentum` must be in [0, 1] (the weight of a new batch) or None (cumulative average)."""
+    if momentum is not None and (not _is_number(momentum) or not 0 <= momentum <= 1):
+        raise ValueError(f"{who}: expected momentum in [0, 1] or None, got {momentum!r}")
+    return momentum
+
+
+def check_eps_momentum(eps: object, momentum: object, who: str, *, positive: bool = False) -> None:
+    """:func:`check_eps` and :func:`check_momentum` together."""
+    check_eps(eps, who, positive=positive)
+    check_momentum(momentum, who)
+
+
+def check_unit_interval(value: object, who: str, name: str, *, closed: str = "") -> float:
+    """`value` must lie in (0, 1); `closed` names the ends that may be reached ("left": [0, 1))."""
+    low_ok = "left" in closed or "both" in closed
+    high_ok = "right" in closed or "both" in closed
+    bounds = ("[" if low_ok else "(") + "0, 1" + ("]" if high_ok else ")")
+    if (
+        not _is_number(value)
+        or not (value >= 0 if low_ok else value > 0)
+        or not (value <= 1 if high_ok else value < 1)
+    ):
+        raise ValueError(f"{who}: expected {name} in {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: object, choices: tuple, who: str, name: str) -> object:
+    """`value` must be one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{who}: expected {name} in {choices}, got {value!r}")
+    return value
 
 
 def check_channel_axis(channel_axis: object, allowed: tuple[int, ...] = (1, -1)) -> int:

@@ -52,6 +52,13 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kind))
         self.register_buffer("running_var", torch.ones(num_features, **kind))
 
+    def reset_parameters(self) -> None:
+        """The identity: weight 1, bias 0, running mean 0, running variance 1."""
+        self.weight.fill_(1)
+        self.bias.zero_()
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)

@@ -21,9 +21,15 @@ import torch
 from torch import nn
 
 from normlab.layers.batchnorm import BatchNorm
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_eps_momentum,
+    check_input,
+    check_positive_int,
+    describe,
+)
 from normlab.layers.instancenorm import InstanceNorm
-from normlab.layers.tracked import check_positive_int
 from normlab.moments import Moments, from_stats
 from normlab.normalize import normalize_derived
 from normlab.pattern import Plan, plan
@@ -67,10 +73,13 @@ class IBN(nn.Module):
         process_group: object = None,
     ) -> None:
         super().__init__()
-        self.half, rest = ibn_split(planes, ratio)
+        check_eps_momentum(eps, momentum, "IBN", positive=True)
+        self.instance_channels, rest = ibn_split(planes, ratio)
         self.planes, self.ratio = planes, ratio
         self.channel_axis = check_channel_axis(channel_axis)
-        self.IN = InstanceNorm(self.half, eps=eps, affine=True, channel_axis=channel_axis)
+        self.IN = InstanceNorm(
+            self.instance_channels, eps=eps, affine=True, channel_axis=channel_axis
+        )
         options = {"eps": eps, "momentum": momentum, "channel_axis": channel_axis}
         if check_sync(sync, process_group, "IBN"):
             self.BN = SyncBatchNorm(rest, process_group=process_group, **options)
@@ -86,10 +95,12 @@ class IBN(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         p = plan("n c ... -> n c" if axis == 1 else "n ... c -> n c", x.shape)
-        if not self._one_pass(x, p):
-            first, rest = torch.split(x, [self.half, self.planes - self.half], dim=axis)
+        if x.numel() == 0 or not self._one_pass(x, p):  # each half handles an empty batch
+            first, rest = torch.split(
+                x, [self.instance_channels, self.planes - self.instance_channels], dim=axis
+            )
             return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
-        half, bn = self.half, self.BN
+        half, bn = self.instance_channels, self.BN
         use_batch = bn._uses_batch_stats()
         tracked: list[Moments] = []  # the BN half's batch moments, for its buffers
 
@@ -116,6 +127,11 @@ class IBN(nn.Module):
         if tracked and bn.training and bn.track_running_stats:
             bn._update_running(tracked[0].mean.detach(), tracked[0].unbiased_var().detach())
         return y
+
+    def reset_parameters(self) -> None:
+        """Both halves to their initial state (γ = 1, β = 0, fresh running statistics)."""
+        self.IN.reset_parameters()
+        self.BN.reset_parameters()
 
     def _one_pass(self, x: torch.Tensor, p: Plan) -> bool:
         """Whether both halves are the plain layers built here (not converted or frozen

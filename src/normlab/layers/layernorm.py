@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
+from normlab.moments import stats_dtype
 from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 
@@ -115,7 +116,8 @@ class LayerNorm2d(LayerNorm):
 
 
 class RMSNorm(_FeatureNormForward, nn.RMSNorm):
-    """Drop-in ``torch.nn.RMSNorm``: x / sqrt(mean(x²) + eps) · γ; ``eps=None`` uses the dtype's eps.
+    """Drop-in ``torch.nn.RMSNorm``: x / sqrt(mean(x²) + eps) · γ; ``eps=None`` uses the eps of
+    the computation dtype (float32's for half and float32 input, float64's for float64).
 
     Example:
         >>> RMSNorm(768)(torch.randn(2, 16, 768)).shape
@@ -138,4 +140,6 @@ class RMSNorm(_FeatureNormForward, nn.RMSNorm):
         self._setup(channel_axis)
 
     def _eps(self, x: torch.Tensor) -> float:
-        return torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        # torch.nn.RMSNorm: eps=None is the eps of the computation (opmath) dtype, float32
+        # for float16/bfloat16/float32 input, float64 for float64
+        return torch.finfo(stats_dtype(x.dtype)).eps if self.eps is None else self.eps

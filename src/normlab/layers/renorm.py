@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 
 from normlab.layers.batchnorm import BatchNorm
-from normlab.layers.checks import channel_view, check_input, describe
-from normlab.layers.tracked import check_eps_momentum
+from normlab.layers.checks import channel_view, check_eps_momentum, check_input, describe
+from normlab.layers.running import empty_batch
 from normlab.moments import batch_stats, from_stats
 from normlab.normalize import normalize_with
 from normlab.pattern import plan
@@ -106,7 +106,7 @@ class BatchRenorm(BatchNorm):
         sync: bool = False,
         process_group: object = None,
     ) -> None:
-        check_eps_momentum(eps, momentum, "BatchRenorm")
+        check_eps_momentum(eps, momentum, "BatchRenorm", positive=True)
         sync = check_sync(sync, process_group, "BatchRenorm")
         limits = _limit(rmax, "rmax", 1.0), _limit(dmax, "dmax", 0.0)
         super().__init__(
@@ -142,7 +142,10 @@ class BatchRenorm(BatchNorm):
         p = plan(self.pattern(), x.shape)
         if synchronizing(self):
             batch = group_moments(self, local_moments(x, p), x)
-        elif p.set_size <= 1:
+        elif x.numel() == 0:
+            weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
+            return empty_batch(self, x, weight, bias)
+        elif p.set_size == 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 value per channel when training, "
                 f"got input of shape {tuple(x.shape)}"

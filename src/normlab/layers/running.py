@@ -25,6 +25,39 @@ def batch_to_running(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
     return m.mean, m.unbiased_var()
 
 
+def add_missing_counter(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Older checkpoints (and other libraries) have no ``num_batches_tracked``: start the
+    counter at 0, as torch's batch norm does, instead of refusing the checkpoint."""
+    key = prefix + "num_batches_tracked"
+    if getattr(module, "num_batches_tracked", None) is not None and key not in state_dict:
+        state_dict[key] = torch.tensor(0, dtype=torch.long)
+
+
+def empty_batch(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The output for an input with no elements, as torch's batch norm gives it.
+
+    An empty batch (a detection head with no proposals) has no statistics: the running
+    buffers stay as they are, but in training the batch is still counted
+    (``num_batches_tracked`` += 1, as ``torch.nn.BatchNorm2d`` does). The output is the
+    empty input through the affine, so that the affine parameters get (zero) gradients.
+    """
+    counter = getattr(module, "num_batches_tracked", None)
+    if module.training and getattr(module, "track_running_stats", True) and counter is not None:
+        with torch.no_grad():
+            counter.add_(1)
+    y = x.clone()  # keeps the memory format
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
 class RunningStatsMixin:
     """Forward for layers with optional running statistics (batch norm, instance norm).
 
@@ -49,7 +82,9 @@ class RunningStatsMixin:
             return normalize_with(
                 x, running_plan, self.running_mean, self.running_var, weight, bias, self.eps
             )
-        if self.training and batch_plan.set_size <= 1:
+        if x.numel() == 0:
+            return empty_batch(self, x, weight, bias)
+        if self.training and batch_plan.set_size == 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 {self._one_value} when training, "
                 f"got input of shape {tuple(x.shape)}"
@@ -90,10 +125,7 @@ class RunningStatsMixin:
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        key = prefix + "num_batches_tracked"
-        if getattr(self, "num_batches_tracked", None) is not None and key not in state_dict:
-            # Older checkpoints (and other libraries) have no counter: start it at 0, as torch does.
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        add_missing_counter(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from normlab.layers.checks import channel_view, check_input, describe
+from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
-from normlab.moments import Moments, batch_stats, from_stats
+from normlab.moments import Moments, batch_stats, from_stats, stats_dtype
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
 from normlab.sync import group_moments, synchronizing
@@ -93,11 +94,17 @@ class SwitchableNorm(TrackedNorm):
         )
         self.using_bn, self.last_gamma, self.variance = bool(using_bn), bool(last_gamma), variance
         terms = 3 if self.using_bn else 2
-        self.mean_weight = nn.Parameter(torch.ones(terms, device=device, dtype=dtype))
-        self.var_weight = nn.Parameter(torch.ones(terms, device=device, dtype=dtype))
+        self.mean_weight = nn.Parameter(torch.empty(terms, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.empty(terms, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """γ = 1 (0 with ``last_gamma``), β = 0, equal mixture weights, fresh buffers."""
+        super().reset_parameters()
+        nn.init.ones_(self.mean_weight)
+        nn.init.ones_(self.var_weight)
         if self.last_gamma:
-            with torch.no_grad():
-                self.weight.zero_()
+            nn.init.zeros_(self.weight)
 
     def pattern(self) -> str:
         """The pattern of the one statistics pass (instance norm's)."""
@@ -126,6 +133,9 @@ class SwitchableNorm(TrackedNorm):
                 f"got shape {tuple(x.shape)}"
             )
         p = plan(self.pattern(), x.shape)
+        if x.numel() == 0:  # no statistics: count the batch, leave the buffers
+            weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
+            return empty_batch(self, x, weight, bias)
         if self.training and p.set_size <= 1:
             raise ValueError(
                 f"{describe(self)}: expected more than 1 spatial element when training, "
@@ -147,8 +157,9 @@ class SwitchableNorm(TrackedNorm):
                     bn_mean, bn_var = self.running_mean, self.running_var
                 means.append(bn_mean[None, :])
                 variances.append(bn_var[None, :])
-            w_mean = torch.softmax(mean_weight, 0)
-            w_var = torch.softmax(var_weight, 0)
+            # the mixture in float32 at least: half-precision weights do not sum to 1
+            w_mean = torch.softmax(mean_weight, 0, dtype=stats_dtype(mean_weight.dtype))
+            w_var = torch.softmax(var_weight, 0, dtype=stats_dtype(var_weight.dtype))
             mix_mean = sum(w * m for w, m in zip(w_mean, means, strict=True))
             mix_var = sum(w * v for w, v in zip(w_var, variances, strict=True))
             return p.to_stats(mix_mean), p.to_stats(torch.rsqrt(mix_var + self.eps))

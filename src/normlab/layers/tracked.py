@@ -12,26 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.layers.checks import check_channel_axis
+from normlab.layers.checks import check_channel_axis, check_eps_momentum, check_positive_int
 from normlab.layers.running import RunningStatsMixin
 from normlab.sync import check_sync
-
-
-def check_positive_int(value: object, who: str, name: str = "num_features") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: expected {name} a positive int, got {value!r}")
-    return value
-
-
-def check_eps_momentum(eps: object, momentum: object, who: str) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{who}: expected eps a float >= 0, got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum <= 1
-    ):
-        raise ValueError(f"{who}: expected momentum in [0, 1] or None, got {momentum!r}")
 
 
 class TrackedNorm(RunningStatsMixin, nn.Module):
@@ -55,7 +38,7 @@ class TrackedNorm(RunningStatsMixin, nn.Module):
         who = type(self).__name__
         self.num_features = check_positive_int(num_features, who)
         self.sync, self.process_group = check_sync(sync, process_group, who), process_group
-        check_eps_momentum(eps, momentum, who)
+        check_eps_momentum(eps, momentum, who, positive=True)  # batch statistics
         self.eps, self.momentum = float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.channel_axis = check_channel_axis(channel_axis)
@@ -76,10 +59,18 @@ class TrackedNorm(RunningStatsMixin, nn.Module):
             self.register_buffer("num_batches_tracked", None)
 
     def reset_running_stats(self) -> None:
+        """Running mean 0, variance 1, no batch counted (as torch's batch norm)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Every parameter and buffer to its initial value (after ``to_empty``, say)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         text = (
