@@ -226,8 +226,11 @@ def test_cuda_order_without_triton_falls_back_to_reference(monkeypatch):
 @pytest.mark.parametrize("mode", ["export", "func", "fx", "jit", "compile"])
 def test_path_under_each_transform_is_the_decomposition(mode):
     x = torch.randn(BIG)
-    got = explain_dispatch(x, "n c h w -> c", mode=mode)
+    got = explain_dispatch(x, "n c h w -> n h w", mode=mode)
     assert got.startswith("reference: under torch.")
+    # batch norm under compile: the custom operator (measured faster), else the decomposition
+    bn = explain_dispatch(x, "n c h w -> c", mode=mode)
+    assert bn.startswith("operator" if mode == "compile" else "reference: under torch.")
     assert explain_dispatch(x, "n c h w -> c", mode="eager").startswith("cpu")
     with pytest.raises(ValueError, match="mode"):
         explain_dispatch(x, "n c h w -> c", mode="trace")
@@ -249,3 +252,19 @@ def test_transform_detection():
     torch.jit.trace(f, (x,), check_trace=False)
     torch.fx.symbolic_trace(f)
     assert seen == ["func", "func", "jit", "fx"]
+
+
+def test_cuda_paths_script_lists_every_case_without_a_gpu(capsys):
+    """benchmarks/cuda_paths.py, for the day a GPU is lent: its CPU-side logic runs here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "cuda_paths.py"
+    spec = importlib.util.spec_from_file_location("cuda_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.dry_run((2, 64, 3, 4))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(module.FAMILIES) * len(module.DTYPES) * len(module.LAYOUTS)
+    bn = [r for r in rows if r.startswith("| batch norm |")]
+    assert bn and all("cuda (aten): native_batch_norm" in r for r in bn)

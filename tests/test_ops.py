@@ -100,8 +100,72 @@ def test_plan_spec_round_trips_group_sizes():
     assert ops._stats_shape(ops.plan_spec(r), torch.Size(r.shape)) == list(r.stats_shape)
 
 
-def test_refused_call_is_a_clear_error():
-    x = torch.randn(4, 3, 5, 5)
-    spec = ops.plan_spec(plan("n c h w -> c w", x.shape))  # R K R K: no canonical form
-    with pytest.raises(ValueError, match="expected a call the backend takes"):
-        torch.ops.normlab.batch_forward(x, None, None, spec, 1e-5, True, "numba")
+@pytest.mark.parametrize("center", [True, False])
+def test_calls_the_backend_refuses_take_the_reference_path_inside(center):
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    p = plan("n c h w -> c w", x.shape)  # R K R K: no canonical form
+    spec = ops.plan_spec(p)
+    args = (x, w, b, spec, 1e-5, center, "numba")
+    torch.library.opcheck(torch.ops.normlab.batch_forward.default, args)
+    y, mean, var, rstd = torch.ops.normlab.batch_forward(*args)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    yr, mean_r, var_r = reference.normalize_batch(leaves[0], p, *leaves[1:], 1e-5, center)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(var, var_r)
+    gy = torch.randn_like(x)
+    for mine, theirs in zip(
+        torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(yr, leaves, gy), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs)
+    # given statistics: gx = rstd·gy·w
+    yg = torch.ops.normlab.given_forward(
+        x, w, b, mean_r.detach(), var_r.detach(), spec, 1e-5, "numba"
+    )
+    want = reference.normalize_with(
+        leaves[0], p, mean_r.detach(), var_r.detach(), *leaves[1:], 1e-5
+    )
+    for mine, theirs in zip(
+        torch.autograd.grad(yg, (x, w, b), gy), torch.autograd.grad(want, leaves, gy), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs)
+    with pytest.raises(ValueError, match="expected backend"):
+        torch.ops.normlab.batch_forward(x, None, None, spec, 1e-5, True, "cuda")
+
+
+def test_compiled_batch_norm_takes_the_operator_and_matches_eager():
+    """Under torch.compile batch norm's call is one normlab:: operator (measured faster
+    than the decomposition there); outputs, statistics and gradients as on the reference path."""
+    from normlab.kernels import dispatch, explain_dispatch, use_reference
+
+    x = torch.randn(8, 16, 32, 32)
+    p = plan("n c h w -> c", x.shape)
+    assert explain_dispatch(x, "n c h w -> c", mode="compile").startswith("operator")
+    graphs = []
+
+    def capture(gm, inputs):  # noqa: ARG001
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, w):
+        return dispatch.normalize_batch(x, p, w, None, 1e-5, True)
+
+    compiled = torch.compile(f, backend=capture, fullgraph=True)
+    w = torch.linspace(0.5, 1.5, 16).reshape(1, 16, 1, 1).requires_grad_()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w, w.detach().clone().requires_grad_()]
+    y, mean, var = compiled(xs[0], ws[0])
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("normlab.batch_forward" in t for t in targets), targets
+    with use_reference():
+        yr, mean_r, var_r = dispatch.normalize_batch(xs[1], p, ws[1], None, 1e-5, True)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, var_r, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(x)
+    for mine, theirs in zip(
+        torch.autograd.grad(y, (xs[0], ws[0]), gy),
+        torch.autograd.grad(yr, (xs[1], ws[1]), gy),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, theirs, atol=1e-3, rtol=1e-4)

@@ -9,13 +9,14 @@ formula, so ``torch.compile(fullgraph=True)`` sees a well-formed operator:
 * ``normlab::batch_forward(x, weight, bias, plan, eps, center, backend)`` →
   ``(y, mean, var, rstd)``, statistics (biased var) in the plan's stats shape;
 * ``normlab::given_forward(x, weight, bias, mean, var, plan, eps, backend)`` → ``y``;
-* ``normlab::backward(gy, x, weight, bias, mean, rstd, plan, batch, center, backend)``
+* ``normlab::backward(gy, x, weight, bias, mean, rstd, plan, batch, center, eps, backend)``
   → ``(gx, gweight, gbias)`` (the affine ones empty when there is no weight or bias).
 
 `plan` is the pattern with its group sizes (:func:`plan_spec`), `backend` ``"numba"``
-or ``"triton"``. Eager calls do not go through them: a custom-operator call costs
+or ``"triton"``; a call the backend refuses (no canonical form, sets of one element)
+is computed by the reference path inside the operator, so a traced graph never fails. Eager calls do not go through them: a custom-operator call costs
 20–40 µs on the CPU, more than a small normalization; the dispatcher calls the passes
-directly there. Under ``torch.compile`` the dispatcher's :data:`~.dispatch.COMPILE_PATH`
+directly there. Under ``torch.compile`` the dispatcher's :data:`~.dispatch.COMPILE_OPERATOR`
 decides between them and the reference decomposition, by measurement (see there).
 
 Example:
@@ -31,7 +32,7 @@ import math
 
 import torch
 
-from normlab.kernels import backends
+from normlab.kernels import backends, reference
 from normlab.kernels.canonical import stats_from_plan, stats_to_plan
 from normlab.moments import stats_dtype
 from normlab.pattern import ELLIPSIS, Plan, parse_pattern, plan
@@ -86,11 +87,14 @@ def _stats_shape(spec: str, shape: torch.Size) -> list:
 
 
 def _passes(backend: str, x: torch.Tensor, p: Plan, weight, bias, eps: float, center: bool):  # noqa: ANN001, ANN202
+    """The backend's passes, or None where it refuses (the reference path computes it)."""
+    if backend not in ("numba", "triton"):
+        raise ValueError(
+            f"normlab operators: expected backend 'numba' or 'triton', got {backend!r}"
+        )
     call = backends.Call(x, p, weight, bias, eps, center, forced=True)
     got = backends.BACKENDS[backend].accept(call)
-    if isinstance(got, str):
-        raise ValueError(f"normlab::{backend}: expected a call the backend takes, got: {got}")
-    return got
+    return None if isinstance(got, str) else got
 
 
 def _affine_grad(g: torch.Tensor | None, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +116,12 @@ def batch_forward(
     """Normalize with batch statistics: ``(y, mean, var, rstd)`` (plan's stats shape)."""
     p = _plan(plan, x)
     passes = _passes(backend, backends._dense(x), p, weight, bias, eps, center)
-    y, (_, rstd), mean, var = passes.forward(backends._dense(x), eps, center, True)
     dtype = stats_dtype(x.dtype)
+    if passes is None:
+        with torch.no_grad():
+            y, mean, var = reference.normalize_batch(x, p, weight, bias, eps, center)
+        return y, mean.to(dtype), var.to(dtype), torch.rsqrt(var.to(dtype) + eps)
+    y, (_, rstd), mean, var = passes.forward(backends._dense(x), eps, center, True)
     return (
         y,
         mean.to(dtype).clone(),
@@ -144,6 +152,9 @@ def given_forward(
     """Normalize with given statistics (plan's stats shape, no gradient to them)."""
     p = _plan(plan, x)
     passes = _passes(backend, backends._dense(x), p, weight, bias, eps, True)
+    if passes is None:
+        with torch.no_grad():
+            return reference.normalize_with(x, p, mean, var, weight, bias, eps)
     return passes.apply(backends._dense(x), mean, var, eps)[0]
 
 
@@ -163,12 +174,15 @@ def backward(
     plan: str,
     batch: bool,
     center: bool,
+    eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gx, gweight, gbias)`` from the saved statistics (plan's stats shape)."""
     p = _plan(plan, x)
     xd = backends._dense(x)
     passes = _passes(backend, xd, p, weight, bias, 0.0, center)
+    if passes is None:
+        return _reference_backward(gy, x, weight, bias, mean, rstd, p, batch, center, eps)
     c = passes.canon
     saved = (stats_from_plan(mean, p, c), stats_from_plan(rstd, p, c))
     needs = (True, weight is not None, bias is not None)
@@ -183,8 +197,29 @@ def backward(
     return gx, _affine_grad(gw, weight, x), _affine_grad(gb, bias, x)
 
 
+def _reference_backward(gy, x, weight, bias, mean, rstd, p, batch, center, eps):  # noqa: ANN001, ANN202
+    """The gradients in plain tensor ops, for calls the backend refuses (autograd does not
+    run inside an operator): with x̂ = (x − mean)·rstd and g = gy·w,
+    gx = rstd·(g − mean(g) − x̂·mean(g·x̂)) for batch statistics (no mean(g) without
+    centering), rstd·g for given ones; gw = Σ gy·x̂, gb = Σ gy."""
+    dtype = stats_dtype(x.dtype)
+    xhat = ((x.reshape(p.expanded_shape).to(dtype) - mean) * rstd).reshape(x.shape)
+    g = gy.to(dtype) if weight is None else gy.to(dtype) * weight.to(dtype)
+    ge = g.reshape(p.expanded_shape)
+    gxe = ge
+    if batch:
+        he = xhat.reshape(p.expanded_shape)
+        gxe = ge - he * (ge * he).mean(p.reduced, keepdim=True)
+        if center:
+            gxe = gxe - ge.mean(p.reduced, keepdim=True)
+    gx = (gxe * rstd).reshape(x.shape).to(x.dtype)
+    gw = None if weight is None else (gy.to(dtype) * xhat).sum_to_size(weight.shape)
+    gb = None if bias is None else gy.to(dtype).sum_to_size(bias.shape)
+    return gx, _affine_grad(gw, weight, x), _affine_grad(gb, bias, x)
+
+
 @backward.register_fake
-def _(gy, x, weight, bias, mean, rstd, plan, batch, center, backend):  # noqa: ANN001, ANN202
+def _(gy, x, weight, bias, mean, rstd, plan, batch, center, eps, backend):  # noqa: ANN001, ANN202
     gw = x.new_empty(0) if weight is None else torch.empty_like(weight)
     gb = x.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(x), gw, gb
@@ -194,14 +229,14 @@ def _setup_batch(ctx, inputs, output) -> None:  # noqa: ANN001
     x, weight, bias, plan, eps, center, backend = inputs
     _, mean, _, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.args = (plan, center, backend)
+    ctx.args = (plan, center, eps, backend)
 
 
 def _batch_backward(ctx, gy, _gmean, _gvar, _grstd):  # noqa: ANN001, ANN202
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    plan, center, backend = ctx.args
+    plan, center, eps, backend = ctx.args
     gx, gw, gb = torch.ops.normlab.backward(
-        gy, x, weight, bias, mean, rstd, plan, True, center, backend
+        gy, x, weight, bias, mean, rstd, plan, True, center, eps, backend
     )
     return (
         gx,
@@ -229,7 +264,7 @@ def _given_backward(ctx, gy):  # noqa: ANN001, ANN202
     dtype = stats_dtype(x.dtype)
     mean, rstd = mean.to(dtype), torch.rsqrt(var.to(dtype) + eps)
     gx, gw, gb = torch.ops.normlab.backward(
-        gy, x, weight, bias, mean, rstd, plan, False, True, backend
+        gy, x, weight, bias, mean, rstd, plan, False, True, eps, backend
     )
     return (
         gx,
