@@ -15,15 +15,10 @@ def _seed():
 
 
 @pytest.fixture
-def numba_kernels(monkeypatch):
-    """Every call a Numba kernel can take goes to it (ATen's fused kernels off, no size
-    floor), cut into 3 tasks on the thread pool as if it were large."""
-    from normlab.kernels import cpu_function, dispatch
+def numba_kernels():
+    """Every call a Numba kernel can take goes to it (no size floor, ATen's kernels not
+    tried), cut into 3 tasks on the thread pool as if it were large."""
+    from normlab.kernels import use_backend
 
-    monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
-    monkeypatch.setitem(dispatch._global, "native", False)
-    monkeypatch.setattr(cpu_function, "SERIAL_BELOW", 0)
-    monkeypatch.setattr(cpu_function, "threads", lambda: 3)
-    cpu_function._layout.cache_clear()
-    yield
-    cpu_function._layout.cache_clear()
+    with use_backend("numba", threads=3):
+        yield

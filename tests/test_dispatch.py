@@ -8,19 +8,37 @@ import pytest
 import torch
 
 import normlab
-from normlab.kernels import dispatch, explain_dispatch, set_reference, use_reference
+from normlab.kernels import (
+    backends,
+    dispatch,
+    explain_dispatch,
+    set_reference,
+    use_backend,
+    use_reference,
+)
 
 BIG = (8, 16, 32, 32)  # 131072 elements: above the small-tensor threshold
 
 
 @pytest.fixture
-def numba_only(monkeypatch):
-    monkeypatch.setitem(dispatch._global, "native", False)
+def numba_only():
+    with use_backend("numba"):
+        yield
 
 
-def test_small_tensors_go_to_reference():
-    assert explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c").startswith("reference")
-    assert "elements" in explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c")
+def first(line):
+    return line.splitlines()[0]
+
+
+def test_small_tensors_take_aten_where_exact_else_reference():
+    # one ATen op costs less than the reference path's several
+    assert (
+        explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c") == "cpu (aten): native_batch_norm"
+    )
+    # no ATen kernel for LayerNorm2d on NCHW data: a Numba call costs more than it saves
+    small = explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> n h w")
+    assert small.startswith("reference") and "elements" in first(small)
+    assert "aten refused" in small
 
 
 @pytest.mark.parametrize(
@@ -64,11 +82,14 @@ def test_unsupported_cases_fall_back_with_a_reason(monkeypatch):
     # R K R K in memory order does not fit K R K R
     assert "does not fit" in explain_dispatch(x, "n c h w -> c w")
     assert "dtype" in explain_dispatch(torch.randn(BIG, dtype=torch.complex64), "n c h w -> c")
-    monkeypatch.setitem(dispatch._available, "numba", False)
-    assert explain_dispatch(x, "n c h w -> c") == "reference: numba is not installed"
-    # and the result is still right
-    y = normlab.normalize(x, "n c h w -> c")
-    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+    monkeypatch.setitem(backends._available, "numba", False)
+    assert first(explain_dispatch(x, "n c h w -> n h w")) == "reference: numba is not installed"
+    # without numba, ATen's batch norm is the faster path at every size
+    assert first(explain_dispatch(x, "n c h w -> c")) == "cpu (aten): native_batch_norm"
+    # and the results are still right
+    y = normlab.normalize(x, "n c h w -> n h w")
+    mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + 1e-5), atol=1e-5, rtol=1e-5)
 
 
 def test_statistics_with_gradient_use_reference():
@@ -88,6 +109,8 @@ def test_forcing_the_reference_path(monkeypatch):
         assert explain_dispatch(x, "n c h w -> c") == "reference: reference path forced"
         with use_reference(False):  # an inner block may re-enable the fast path
             assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
+    with use_backend("reference"):
+        assert explain_dispatch(x, "n c h w -> c") == "reference: reference path forced"
     assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
     previous = set_reference(True)
     try:
@@ -121,3 +144,127 @@ def test_explain_dispatch_rejects_bad_input():
         explain_dispatch(torch.randn(BIG), "n c h -> c")
     with pytest.raises(ValueError, match="channels"):
         explain_dispatch(torch.randn(BIG), "n c h w -> c", weight=torch.ones(3))
+
+
+def test_use_backend_forces_one_backend_without_a_size_floor():
+    x = torch.randn(2, 3, 4, 4)
+    with use_backend("numba"):
+        assert explain_dispatch(x, "n c h w -> n h w").startswith("cpu (numba)")
+        # a call the forced backend refuses takes the reference path, with the reason
+        assert "does not fit" in explain_dispatch(x, "n c h w -> c w")
+    with use_backend("aten"):
+        assert first(explain_dispatch(torch.randn(BIG), "n c h w -> c")) == (
+            "cpu (aten): native_batch_norm"
+        )
+        assert explain_dispatch(x, "n c h w -> n h w").startswith("reference")
+    # the switch is undone on leaving the block
+    assert first(explain_dispatch(torch.randn(BIG), "n c h w -> c")).startswith("cpu (numba)")
+    with pytest.raises(ValueError, match="expected one of"):
+        with use_backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="threads"):
+        with use_backend("numba", threads=0):
+            pass
+
+
+def test_use_backend_threads_split_small_inputs_and_agree_with_one_thread():
+    x = torch.randn(6, 5, 7, 8, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for threads in (1, 3):
+        with use_backend("numba", threads=threads):
+            p = normlab.plan("n c h w -> c", x.shape)
+            call = backends.Call(x, p, None, None, 1e-5, True, forced=True, threads=threads)
+            assert len(backends.NUMBA.accept(call).prep.chunks) - 1 == threads
+            y = normlab.normalize(x, "n c h w -> c")
+            outs.append((y, *torch.autograd.grad(y.square().sum(), x)))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(
+        outs[0][0], torch.nn.functional.batch_norm(x, None, None, training=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fmt", "dtype", "expected"),
+    [
+        ("n c h w -> c", None, torch.float32, "aten"),  # cuDNN batch norm
+        ("n c h w -> c", torch.channels_last, torch.bfloat16, "aten"),
+        ("n (g k) h w -> n g", None, torch.float32, "aten"),  # native group norm
+        ("n c h w -> n c", None, torch.float32, "aten"),  # group norm with G = C
+        ("n h w c -> n h w", None, torch.float32, "aten"),  # layer norm over the last dim
+        ("n c h w -> n h w", torch.channels_last, torch.float32, "aten"),  # channels innermost
+        ("n c h w -> n h w", None, torch.float32, "triton"),  # LayerNorm2d on NCHW
+        ("n (g k) h w -> n g", torch.channels_last, torch.float32, "triton"),
+        ("n c h w -> c h w", None, torch.float32, "triton"),  # per-activation batch norm
+    ],
+)
+def test_cuda_order_takes_aten_wherever_exact(pattern, fmt, dtype, expected, monkeypatch):
+    """The CUDA order, checked with CPU tensors standing in (``device="cuda"``)."""
+    monkeypatch.setitem(backends._available, "triton", True)
+    x = torch.randn(4, 8, 6, 5, dtype=dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    sizes = {"g": 2} if "(g k)" in pattern else {}
+    line = first(explain_dispatch(x.requires_grad_(), pattern, device="cuda", **sizes))
+    if expected == "aten":
+        assert line.startswith("cuda (aten)"), line
+    else:
+        assert line.startswith("gpu (triton)"), line
+    # without centering (RMS) there is no ATen kernel: Triton
+    rms = first(explain_dispatch(x, "n c h w -> n", center=False, device="cuda"))
+    assert rms.startswith("gpu (triton)"), rms
+
+
+def test_cuda_order_without_triton_falls_back_to_reference(monkeypatch):
+    monkeypatch.setitem(backends._available, "triton", False)
+    x = torch.randn(4, 8, 6, 5)
+    got = explain_dispatch(x, "n c h w -> n h w", device="cuda")
+    assert first(got) == "reference: triton is not installed"
+    assert "aten refused" in got
+
+
+@pytest.mark.parametrize("mode", ["export", "func", "fx", "jit", "compile"])
+def test_path_under_each_transform_is_the_decomposition(mode):
+    x = torch.randn(BIG)
+    got = explain_dispatch(x, "n c h w -> n h w", mode=mode)
+    assert got.startswith("reference: under torch.")
+    # batch norm under compile: the custom operator (measured faster), else the decomposition
+    bn = explain_dispatch(x, "n c h w -> c", mode=mode)
+    assert bn.startswith("operator" if mode == "compile" else "reference: under torch.")
+    assert explain_dispatch(x, "n c h w -> c", mode="eager").startswith("cpu")
+    with pytest.raises(ValueError, match="mode"):
+        explain_dispatch(x, "n c h w -> c", mode="trace")
+
+
+def test_transform_detection():
+    from normlab.kernels import transform
+
+    x = torch.randn(3, 4)
+    assert transform(x) == "eager"
+    seen = []
+
+    def f(t):
+        seen.append(transform(t))
+        return t * 2
+
+    torch.func.vmap(f)(x)
+    torch.func.grad(lambda t: f(t).sum())(x)
+    torch.jit.trace(f, (x,), check_trace=False)
+    torch.fx.symbolic_trace(f)
+    assert seen == ["func", "func", "jit", "fx"]
+
+
+def test_cuda_paths_script_lists_every_case_without_a_gpu(capsys):
+    """benchmarks/cuda_paths.py, for the day a GPU is lent: its CPU-side logic runs here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "cuda_paths.py"
+    spec = importlib.util.spec_from_file_location("cuda_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.dry_run((2, 64, 3, 4))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(module.FAMILIES) * len(module.DTYPES) * len(module.LAYOUTS)
+    bn = [r for r in rows if r.startswith("| batch norm |")]
+    assert bn and all("cuda (aten): native_batch_norm" in r for r in bn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normlab
-from normlab.kernels import dispatch, explain_dispatch, use_reference
+from normlab.kernels import explain_dispatch, use_backend, use_reference
 
 pytest.importorskip("triton", reason="the GPU fast path needs triton")
 if not torch.cuda.is_available():
@@ -23,8 +23,9 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def small_tensors_take_the_kernel(monkeypatch):
-    monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
+def small_tensors_take_the_kernel():
+    with use_backend("triton"):
+        yield
 
 
 @pytest.mark.parametrize(("shape", "pattern", "sizes", "channels_last"), CASES)

@@ -3,35 +3,42 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 
 import normlab
-from normlab.kernels import cpu_function, derived, dispatch, use_reference
+from normlab.kernels import backends, use_reference
 from normlab.moments import from_stats
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
 
 
+class _Paths(logging.Handler):
+    """The derived-statistics calls that took the Numba kernels (from the dispatcher's log)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.calls = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("normalize_derived") and "cpu (numba)" in message:
+            self.calls.append(message.split(" ")[1])
+
+
 @pytest.fixture(autouse=True)
-def small_tensors_take_the_kernel(monkeypatch):
+def small_tensors_take_the_kernel(numba_kernels):
     # Small test shapes through the Numba path, cut into 3 chunks as if they were large;
     # count the one-pass calls so that each test knows the fast path ran.
-    monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(cpu_function, "SERIAL_BELOW", 0)
-    monkeypatch.setattr(cpu_function, "threads", lambda: 3)
-    cpu_function._layout.cache_clear()
-    calls = []
-    original = derived.normalize_derived
-
-    def counted(*args):
-        calls.append(args[3].pattern.text)
-        return original(*args)
-
-    monkeypatch.setattr(derived, "normalize_derived", counted)
-    yield calls
-    cpu_function._layout.cache_clear()
+    logger = logging.getLogger("normlab.kernels")
+    handler, level = _Paths(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.calls
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def _make(kind, c, channel_axis, dtype):
@@ -231,7 +238,12 @@ def test_every_kernel_layout_of_the_derived_path(shape, channels_last, fused, dt
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     p = plan("n c h w -> n c", x.shape)
-    assert dispatch._choose(x, p, None, None)[1].fused is fused
+    assert (
+        backends.NUMBA.accept(
+            backends.Call(x, p, None, None, 0.0, True, forced=True, threads=3)
+        ).prep.fused
+        is fused
+    )
     n, c = shape[:2]
     weight = torch.linspace(0.5, 1.5, c, dtype=torch.float64, requires_grad=True)
 

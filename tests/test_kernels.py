@@ -8,22 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normlab
-from normlab.kernels import cpu_function, dispatch, explain_dispatch, use_reference
+from normlab.kernels import explain_dispatch, use_reference
 from normlab.normalize import affine_view, normalize_batch, normalize_with
 from normlab.pattern import plan
 
 
 @pytest.fixture(autouse=True)
-def small_tensors_take_the_kernel(monkeypatch):
-    # Test shapes are small; let them through the fast path regardless of size, and cut
-    # them into 3 chunks on the thread pool as if they were large.
-    monkeypatch.setattr(dispatch, "MIN_ELEMENTS", 0)
-    monkeypatch.setitem(dispatch._global, "native", False)  # the Numba kernels, not ATen's
-    monkeypatch.setattr(cpu_function, "SERIAL_BELOW", 0)
-    monkeypatch.setattr(cpu_function, "threads", lambda: 3)
-    cpu_function._layout.cache_clear()
+def small_tensors_take_the_kernel(numba_kernels):
+    # Test shapes are small: the Numba kernels take them regardless of size (not ATen's),
+    # cut into 3 chunks on the thread pool as if they were large.
     yield
-    cpu_function._layout.cache_clear()
 
 
 def _params(kind, x, pattern, sizes, dtype):

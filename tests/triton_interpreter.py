@@ -14,8 +14,8 @@ import traceback
 
 import torch
 
-# gpu_function imports triton (through normlab.kernels.gpu) only when a kernel runs
-from normlab.kernels import gpu_function, reference
+# triton_passes imports triton (through normlab.kernels.gpu) only when a kernel runs
+from normlab.kernels import function, reference, triton_passes
 from normlab.normalize import affine_view
 from normlab.pattern import plan
 
@@ -41,9 +41,9 @@ def _prepare(x, pattern, sizes, affine=True):
     wv, bv = (affine_view(t, x, p, r) for t, r in ((w, "weight"), (b, "bias")))
     if not affine:
         wv = bv = w = b = None
-    prep = gpu_function.prepare_gpu(x, p, wv, bv)
+    prep = triton_passes.prepare_gpu(x, p, wv, bv)
     assert not isinstance(prep, str), prep
-    return p, w, b, wv, bv, prep
+    return p, w, b, wv, bv, triton_passes.TritonPasses(prep, p)
 
 
 def _input(shape, channels_last, dtype=torch.float32):
@@ -66,7 +66,7 @@ def batch_statistics(shape, pattern, sizes, channels_last, center):
     x = _input(shape, channels_last)
     p, w, b, wv, bv, prep = _prepare(x, pattern, sizes)
     xf = x.clone().requires_grad_()
-    y, mean, var = gpu_function.GpuBatchNormFunction.apply(xf, wv, bv, p, 1e-5, center, prep)
+    y, mean, var = function.BatchFunction.apply(xf, wv, bv, p, 1e-5, center, prep, True, None)
     xr = x.double().requires_grad_()
     yr, mean_r, var_r = reference.normalize_batch(xr, p, wv.double(), bv.double(), 1e-5, center)
     assert y.stride() == x.stride() and y.dtype == x.dtype
@@ -83,7 +83,7 @@ def given_statistics(shape, pattern, sizes, channels_last):
     mean = 100 + torch.randn(p.stats_shape, generator=g)
     var = 9 * torch.rand(p.stats_shape, generator=g) + 1
     xf = x.clone().requires_grad_()
-    y = gpu_function.GpuApplyFunction.apply(xf, wv, bv, p, mean, var, 1e-5, prep)
+    y = function.GivenFunction.apply(xf, wv, bv, p, mean, var, 1e-5, prep)
     xr = x.double().requires_grad_()
     yr = reference.normalize_with(
         xr, p, mean.double(), var.double(), wv.double(), bv.double(), 1e-5
@@ -96,7 +96,7 @@ def bfloat16_and_no_affine():
     x = _input((4, 6, 5, 7), True, torch.bfloat16)
     p, *_, prep = _prepare(x, "n c h w -> n c", {}, affine=False)
     xf = x.clone().requires_grad_()
-    y, mean, _ = gpu_function.GpuBatchNormFunction.apply(xf, None, None, p, 1e-5, True, prep)
+    y, mean, _ = function.BatchFunction.apply(xf, None, None, p, 1e-5, True, prep, True, None)
     assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
     xr = x.double().requires_grad_()
     yr = reference.normalize_batch(xr, p, None, None, 1e-5, True)[0]
@@ -108,7 +108,7 @@ def double_backward_through_the_reference_path():
     x = _input((3, 4, 3, 5), False, torch.float64).float()
     p, w, b, wv, bv, prep = _prepare(x, "n c h w -> c", {})
     xf = x.clone().requires_grad_()
-    y = gpu_function.GpuBatchNormFunction.apply(xf, wv, bv, p, 1e-5, True, prep)[0]
+    y = function.BatchFunction.apply(xf, wv, bv, p, 1e-5, True, prep, True, None)[0]
     (gx,) = torch.autograd.grad(y.square().sum(), xf, create_graph=True)
     (ggx,) = torch.autograd.grad(gx.sum(), xf)
     xr = x.clone().requires_grad_()
@@ -120,12 +120,11 @@ def double_backward_through_the_reference_path():
 
 def float64_is_refused_with_a_reason():
     x = torch.randn(4, 6, 5, 7, dtype=torch.float64)
-    assert "float64" in gpu_function.prepare_gpu(x, plan("n c h w -> c", x.shape), None, None)
+    assert "float64" in triton_passes.prepare_gpu(x, plan("n c h w -> c", x.shape), None, None)
 
 
 def derived_statistics(channels_last):
     """A Batch-Instance mixture on the split kernels (moments, normalize, sums, input grad)."""
-    from normlab.kernels.derived import DerivedFunction
     from normlab.moments import from_stats
 
     x = _input((4, 5, 6, 7), channels_last)
@@ -141,8 +140,7 @@ def derived_statistics(channels_last):
         return p.to_stats(m), p.to_stats(r)
 
     xf = x.clone().requires_grad_()
-    passes = gpu_function.TritonPasses(prep)
-    y, mean, var = DerivedFunction.apply(xf, wv, bv, p, derive, passes, gate)
+    y, mean, var = function.DerivedFunction.apply(xf, wv, bv, p, derive, prep, gate)
     xr = x.double().requires_grad_()
     yr, mean_r, var_r = reference.normalize_derived(
         xr, p, derive, wv.double(), bv.double(), (gate,)

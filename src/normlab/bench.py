@@ -233,7 +233,7 @@ def measure(case: Case, repeats: int, device: str = "cpu") -> dict[str, float | 
             pattern, sizes, center = _pattern_of(case)
             weight = getattr(ref, "weight", None)
             path = explain_dispatch(x, pattern, weight=weight, center=center, **sizes)
-            result["path"] = path.split(",")[0]
+            result["path"] = path.splitlines()[0].split(",")[0]
     return result
 
 

@@ -1,25 +1,33 @@
-"""Chooses the kernel for each call: a fast path when one fits, else the reference path.
+"""Chooses the path of each call: a backend that accepts it, else the reference path.
 
-Fast paths: Numba kernels for CPU tensors (if numba is installed), Triton kernels for
-CUDA tensors (if triton is installed). The reference path (plain PyTorch) takes
-everything else: other devices and dtypes, tiny tensors (where a kernel launch costs
-more than it saves), patterns that do not fit the canonical ``K R K R`` form,
-statistics that need a gradient, and any call while the reference path is forced.
+Backends (:mod:`.backends`) are tried in order per device: on the CPU ATen's fused
+kernels where they compute the pattern exactly and are the faster path, then the Numba
+kernels (if numba is installed); on CUDA ATen's kernels wherever exact, then the Triton
+kernels (if triton is installed) for the patterns ATen lacks. The reference path (plain
+PyTorch) takes everything else: other devices and dtypes, small tensors no ATen kernel
+computes (where a kernel call costs more than it saves), patterns that do not fit the
+canonical ``K R K R`` form, statistics that need a gradient, and any call while the
+reference path is forced.
 
-Force it with ``with normlab.kernels.use_reference(): ...``, with
+Under a transform (:func:`normlab.kernels.transforms.transform`) the path follows what
+the transform can see: ``torch.export``, ONNX export, ``torch.func``, ``torch.fx`` and
+``torch.jit`` get the reference decomposition (graphs of ATen operators only); under
+``torch.compile`` see :data:`COMPILE_OPERATOR`.
+
+Force the reference path with ``with normlab.kernels.use_reference(): ...``, with
 ``normlab.kernels.set_reference(True)``, or with the environment variable
-``NORMLAB_REFERENCE=1``. See the choice with :func:`explain_dispatch` or the
-``normlab.kernels`` logger at DEBUG level.
+``NORMLAB_REFERENCE=1``; force one backend with :func:`use_backend`. See the choice with
+:func:`explain_dispatch` or the ``normlab.kernels`` logger at DEBUG level.
 
 Example:
-    >>> explain_dispatch(torch.randn(32, 64, 56, 56), "n c h w -> c")
-    'cpu (numba): family RKR, canonical (A, B, C, D) = (1, 32, 64, 3136)'
+    >>> print(explain_dispatch(torch.randn(32, 64, 56, 56), "n c h w -> c"))
+    cpu (numba): family RKR, canonical (A, B, C, D) = (1, 32, 64, 3136)
+      aten refused: batch norm on channels-first float data: the Numba kernel is measured faster
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import threading
@@ -27,19 +35,37 @@ from collections.abc import Iterator
 
 import torch
 
-from normlab.kernels import native, reference
+from normlab.kernels import aten, backends, function, reference, transforms
+from normlab.kernels.backends import KERNEL_DTYPES, MIN_ELEMENTS, Call, Choice, available
 from normlab.pattern import Plan, plan
 
 log = logging.getLogger("normlab.kernels")
 
-#: Below this many elements the reference path is as fast as a kernel call (measured on
-#: 2 cores: a fast call costs ~0.1-0.3 ms of fixed overhead, the reference path's time
-#: reaches that around 64K elements).
-MIN_ELEMENTS = 65536
-KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+__all__ = [
+    "KERNEL_DTYPES",
+    "MIN_ELEMENTS",
+    "available",
+    "explain_dispatch",
+    "normalize_batch",
+    "normalize_derived",
+    "normalize_with",
+    "set_native",
+    "set_reference",
+    "use_backend",
+    "use_reference",
+]
+
+#: Under ``torch.compile``, the families that take the ``normlab::`` custom operators;
+#: every other call takes the plain-ATen decomposition (the reference path), which
+#: Inductor fuses with its neighbours. Chosen by measurement: a conv → norm → ReLU block
+#: at 8×32×32×32 float32, forward+backward on 2 CPU cores, median of 30 interleaved runs
+#: in one process (``benchmarks/compile_path.py``), operator time / decomposition time:
+#: batch norm 0.77, group norm 1.01, LayerNorm2d 1.01, RMS norm over (C, H, W) 1.03.
+COMPILE_OPERATOR = frozenset({"batch norm"})
 
 _forced = threading.local()
 _global = {"reference": False, "native": True}
+BACKEND_NAMES = ("aten", "numba", "triton", "reference")
 
 
 def set_native(enabled: bool = True) -> bool:
@@ -84,85 +110,132 @@ def reference_forced() -> bool:
     return _global["reference"] or os.environ.get("NORMLAB_REFERENCE", "") not in ("", "0")
 
 
-_available: dict[str, bool] = {}
+@contextlib.contextmanager
+def use_backend(name: str, *, threads: int | None = None) -> Iterator[None]:
+    """Within the block (this thread), send every call the named backend accepts to it.
+
+    `name` is one of ``"aten"``, ``"numba"``, ``"triton"``, ``"reference"``. While a
+    backend is forced it has no size floor (small test inputs take the kernels), and
+    calls it refuses take the reference path. `threads` also forces the Numba kernels'
+    split into that many tasks, as if the input were large.
+
+    Example:
+        >>> with use_backend("numba", threads=3):
+        ...     y = normlab.normalize(torch.randn(4, 3, 5, 5), "n c h w -> c")
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"use_backend: expected one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"use_backend: expected threads >= 1, got {threads!r}")
+    previous = getattr(_forced, "backend", None)
+    _forced.backend = (name, threads)
+    try:
+        if name == "reference":
+            with use_reference():
+                yield
+        else:
+            yield
+    finally:
+        _forced.backend = previous
 
 
-def available(module: str) -> bool:
-    """Whether an optional accelerator module (numba, triton) can be imported."""
-    if module not in _available:
-        _available[module] = importlib.util.find_spec(module) is not None
-    return _available[module]
+def forced_backend() -> tuple[str, int | None] | None:
+    """The backend forced by :func:`use_backend` in this thread, and its thread count."""
+    return getattr(_forced, "backend", None)
 
 
-def _choose(
+def _call(
     x: torch.Tensor,
     p: Plan,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+    stats: str,
     stats_grad: bool = False,
-    batch: tuple[float, bool] | None = None,
-) -> tuple[str, object]:
-    """("cpu" | "gpu", prepared), ("native", (name, thunk)), ("native+cpu", (thunk,
-    prepared)): ATen's forward and the Numba backward, or ("reference", reason).
+    device: str = "",
+) -> Call:
+    forced = forced_backend()
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    return Call(
+        x, p, weight, bias, eps, center, stats, grad, stats_grad, device,
+        forced is not None, None if forced is None else forced[1],
+    )  # fmt: skip
 
-    `batch` is ``(eps, center)`` for a call that computes its own statistics, the only
-    kind ATen's fused kernels serve.
-    """
+
+def _choose(call: Call, mode: str | None = None) -> Choice:
+    """The backend for `call` under `mode` (the current transform when None)."""
     if reference_forced():
-        return "reference", "reference path forced"
-    if x.dtype not in KERNEL_DTYPES:
-        return "reference", f"dtype {x.dtype} has no kernel"
-    if stats_grad:
-        return "reference", "statistics that need a gradient"
-    if x.numel() < MIN_ELEMENTS:
-        return "reference", f"{x.numel()} elements < {MIN_ELEMENTS} (call overhead)"
-    if p.set_size <= 1:
-        return "reference", "sets of one element"
-    for t in (weight, bias):
-        if t is not None and (t.device != x.device or not t.is_floating_point()):
-            return "reference", "weight/bias on another device or not floating point"
-    if x.device.type == "cpu":
-        use_native = batch is not None and _global["native"]
-        chosen = native.choose(x, p, weight, bias, *batch) if use_native else None
-        if chosen is not None and chosen[0] != native.FORWARD_ONLY:
-            return "native", chosen
-        if not available("numba"):
-            return "reference", "numba is not installed"
-        from normlab.kernels.cpu_function import prepare
-
-        if weight is not None or bias is not None:
-            if any(t is not None and t.dim() > x.dim() for t in (weight, bias)):
-                return "reference", "weight/bias of higher rank than the input"
-        prep = prepare(x if _dense(x) else x.contiguous(), p, weight, bias)
-        if isinstance(prep, str):
-            return "reference", prep
-        return ("cpu", prep) if chosen is None else ("native+cpu", (chosen[1], prep))
-    if x.device.type == "cuda":
-        if not available("triton"):
-            return "reference", "triton is not installed"
-        from normlab.kernels.gpu_function import prepare_gpu
-
-        prep = prepare_gpu(x if _dense(x) else x.contiguous(), p, weight, bias)
-        return ("reference", prep) if isinstance(prep, str) else ("gpu", prep)
-    return "reference", f"no kernel for device {x.device.type}"
+        return Choice("reference", None, (("switch", "reference path forced"),))
+    mode = transforms.transform(call.x, call.weight, call.bias) if mode is None else mode
+    if mode != "eager":
+        return _under_transform(mode, call)
+    forced = forced_backend()
+    only = None if forced is None else forced[0]
+    if only == "reference":
+        return Choice("reference", None, (("switch", "reference path forced"),))
+    if only is None and not _global["native"]:
+        only_order = [b for b in backends.ORDER.get(call.device_type, ()) if b.name != "aten"]
+        refusals = [("aten", "ATen's kernels switched off (set_native)")]
+        for backend in only_order:
+            got = backend.accept(call)
+            if not isinstance(got, str):
+                return Choice(backend.name, got, tuple(refusals))
+            refusals.append((backend.name, got))
+        return Choice("reference", None, tuple(refusals))
+    return backends.choose(call, only)
 
 
-def _dense(x: torch.Tensor) -> bool:
-    from normlab.kernels.canonical import memory_order
+class OperatorPath:
+    """Under torch.compile: the call goes to a ``normlab::`` operator (:mod:`.ops`)."""
 
-    return memory_order(x) is not None
+    name = "operator"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def describe(self) -> str:
+        return (
+            f"operator (normlab::…, {self.backend}): under torch.compile, measured faster "
+            "than the decomposition for batch norm"
+        )
 
 
-def _describe(kind: str, what: object) -> str:
-    if kind == "reference":
-        return f"reference: {what}"
-    if kind == "native":
-        return f"cpu (aten): native_{what[0]}"  # type: ignore[index]
-    if kind == "native+cpu":
-        return "cpu (aten forward, numba backward): native_layer_norm"
-    c = what.canon  # type: ignore[attr-defined]
-    engine = "numba" if kind == "cpu" else "triton"
-    return f"{kind} ({engine}): family {c.family}, canonical (A, B, C, D) = {c.shape}"
+def _family(p: Plan) -> str:
+    """The family of a plan, for the compile-path table (geometry, not a layer's name)."""
+    single = all(len(members) == 1 for members in p.input_dims)
+    if single and len(p.kept) == 1 and p.kept[0] != 0:
+        return "batch norm"
+    return "other"
+
+
+def _under_transform(mode: str, call: Call | None = None) -> Choice:
+    if mode == "compile" and call is not None and _family(call.p) in COMPILE_OPERATOR:
+        ok = (
+            call.device_type == "cpu"
+            and available("numba")
+            and call.x.dtype in KERNEL_DTYPES
+            and not call.stats_grad
+            and call.stats != "derived"
+        )
+        if ok:
+            return Choice("operator", OperatorPath("numba"), ())  # type: ignore[arg-type]
+    why = {
+        "compile": "under torch.compile the plain-ATen decomposition (Inductor fuses it "
+        "with its neighbours; measured as fast as the custom operators)",
+        "export": "under torch.export the graph holds ATen operators only",
+        "func": "under torch.func the decomposition (its transforms see through it)",
+        "fx": "under torch.fx tracing the graph holds ATen operators only",
+        "jit": "under torch.jit tracing the graph holds ATen operators only",
+    }.get(mode)
+    if why is None:
+        raise ValueError(
+            "explain_dispatch: expected mode one of eager, compile, export, func, fx, jit, "
+            f"got {mode!r}"
+        )
+    return Choice("reference", None, (("transform", why),))
 
 
 def explain_dispatch(
@@ -173,19 +246,40 @@ def explain_dispatch(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     center: bool = True,
+    mode: str | None = None,
+    device: str | None = None,
     **sizes: int,
 ) -> str:
-    """Which path a normalization of `x` by `pattern` takes, and why, in one line.
+    """Which path a normalization of `x` by `pattern` takes, and why.
+
+    The first line names the chosen path; each following line a backend that refused
+    the call and its reason. `mode` asks for the path under a transform (``"eager"``,
+    ``"compile"``, ``"export"``, ``"func"``, ``"fx"``, ``"jit"``; default: the current
+    one); `device` for another device type than `x`'s (``"cuda"``: the CUDA order,
+    checked on any machine).
 
     Example:
         >>> explain_dispatch(torch.randn(4, 3), "n c -> c")
-        'reference: 12 elements < 65536 (call overhead)'
+        'cpu (aten): native_batch_norm'
     """
     from normlab.normalize import affine_view
 
     p = plan(pattern, x.shape, **sizes)
     w, b = affine_view(weight, x, p, "weight"), affine_view(bias, x, p, "bias")
-    return _describe(*_choose(x, p, w, b, batch=(eps, center)))
+    call = _call(x, p, w, b, float(eps), center, "batch", device=device or "")
+    choice = _choose(call, mode)
+    lines = [choice.describe()]
+    if choice.passes is not None or len(choice.refusals) > 1:
+        last = None if choice.passes is not None else choice.refusals[-1]
+        lines += [
+            f"  {name} refused: {why}" for name, why in choice.refusals if (name, why) != last
+        ]
+    return "\n".join(lines)
+
+
+def _log(kind: str, p: Plan, x: torch.Tensor, choice: Choice) -> None:
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s %s: %s", kind, p.pattern.text, tuple(x.shape), choice.describe())
 
 
 def normalize_batch(
@@ -196,38 +290,30 @@ def normalize_batch(
     eps: float,
     center: bool,
     stats: bool = True,
-    running: native.Running | None = None,
+    running: aten.Running | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Batch statistics (in `p.stats_shape`) and the normalized output: ``(y, mean, var)``.
 
     With ``stats=False`` a kernel may skip building the statistics and return None.
     `running` (buffers and the batch's weight) lets a kernel that can update batch-norm
-    running estimates itself do so: then mean and var come back None.
+    running estimates itself do so in eager mode (ATen's): then mean and var come back
+    None. Otherwise the caller updates them from the statistics, with in-place ops.
     """
-    kind, what = _choose(x, p, weight, bias, batch=(eps, center))
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            "normalize_batch %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
+    choice = _choose(_call(x, p, weight, bias, eps, center, "batch"))
+    _log("normalize_batch", p, x, choice)
+    if choice.backend == "operator":
+        from normlab.kernels import ops
+
+        y, mean, var, _ = torch.ops.normlab.batch_forward(
+            x, weight, bias, ops.plan_spec(p), eps, center, choice.passes.backend
         )
-    if kind == "reference":
+        return y, mean, var
+    if choice.passes is None:
         return reference.normalize_batch(x, p, weight, bias, eps, center)
-    if kind == "native":
-        if running is not None and what[0] == "batch_norm":  # type: ignore[index]
-            return what[1](stats, running)  # type: ignore[index]
-        return what[1](stats)  # type: ignore[index]
-    if kind == "native+cpu":
-        from normlab.kernels.cpu_function import BatchNormFunction
-
-        run, prep = what  # type: ignore[misc]
-        return BatchNormFunction.apply(x, weight, bias, p, eps, center, prep, run)
-    xin = x if _dense(x) else x.contiguous()
-    if kind == "cpu":
-        from normlab.kernels.cpu_function import BatchNormFunction
-
-        return BatchNormFunction.apply(xin, weight, bias, p, eps, center, what)
-    from normlab.kernels.gpu_function import GpuBatchNormFunction
-
-    return GpuBatchNormFunction.apply(xin, weight, bias, p, eps, center, what)
+    xin = backends._dense(x)
+    return function.normalize_batch(
+        xin, weight, bias, p, eps, center, choice.passes, stats, running
+    )
 
 
 def normalize_with(
@@ -241,19 +327,19 @@ def normalize_with(
 ) -> torch.Tensor:
     """(x − mean)·rsqrt(var + eps)·weight + bias with statistics in `p.stats_shape`."""
     stats_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
-    kind, what = _choose(x, p, weight, bias, stats_grad)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("normalize_with %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what))
-    if kind == "reference":
+    choice = _choose(_call(x, p, weight, bias, eps, True, "given", stats_grad))
+    _log("normalize_with", p, x, choice)
+    if choice.backend == "operator":
+        from normlab.kernels import ops
+
+        return torch.ops.normlab.given_forward(
+            x, weight, bias, mean, var, ops.plan_spec(p), eps, choice.passes.backend
+        )
+    if choice.passes is None:
         return reference.normalize_with(x, p, mean, var, weight, bias, eps)
-    xin = x if _dense(x) else x.contiguous()
-    if kind == "cpu":
-        from normlab.kernels.cpu_function import ApplyFunction
-
-        return ApplyFunction.apply(xin, weight, bias, p, mean, var, eps, what)
-    from normlab.kernels.gpu_function import GpuApplyFunction
-
-    return GpuApplyFunction.apply(xin, weight, bias, p, mean, var, eps, what)
+    return function.normalize_with(
+        backends._dense(x), weight, bias, p, mean, var, eps, choice.passes
+    )
 
 
 def normalize_derived(
@@ -268,23 +354,17 @@ def normalize_derived(
     """Normalize with statistics derived from the sets' own: ``(y, mean, var)``.
 
     ``(m, rstd) = derive(mean, var, *inputs)`` (`p.stats_shape`, differentiable); y =
-    (x − m)·rstd·weight + bias. A kernel path (Numba, Triton: :mod:`.derived`) reads x
-    once for the statistics and once to normalize; ``fast=False`` keeps the reference
-    path (a `derive` that talks to other processes, whose backward must stay in
-    autograd's order).
+    (x − m)·rstd·weight + bias. A kernel path (Numba, Triton) reads x once for the
+    statistics and once to normalize; ``fast=False`` keeps the reference path (a
+    `derive` that talks to other processes, whose backward must stay in autograd's order).
     """
-    kind, what = ("reference", "asked for") if not fast else _choose(x, p, weight, bias)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            "normalize_derived %s %s: %s", p.pattern.text, tuple(x.shape), _describe(kind, what)
-        )
-    if kind == "reference":
-        return reference.normalize_derived(x, p, derive, weight, bias, inputs)
-    from normlab.kernels import derived
-
-    if kind == "cpu":
-        from normlab.kernels.cpu_function import NumbaPasses as Passes
+    if not fast:
+        choice = Choice("reference", None, (("caller", "asked for"),))
     else:
-        from normlab.kernels.gpu_function import TritonPasses as Passes
-    xin = x if _dense(x) else x.contiguous()
-    return derived.normalize_derived(xin, weight, bias, p, derive, Passes(what), inputs)
+        choice = _choose(_call(x, p, weight, bias, 0.0, True, "derived"))
+    _log("normalize_derived", p, x, choice)
+    if choice.passes is None:
+        return reference.normalize_derived(x, p, derive, weight, bias, inputs)
+    return function.normalize_derived(
+        backends._dense(x), weight, bias, p, derive, choice.passes, inputs
+    )

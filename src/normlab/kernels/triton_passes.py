@@ -1,8 +1,8 @@
-"""Autograd Functions over the Triton kernels (CUDA tensors; float32, bfloat16, float16).
+"""The Triton kernels' passes (CUDA tensors; float32, bfloat16, float16).
 
-Checked under Triton's interpreter on the CPU (see ``gpu.py``). Same contract as the CPU
-path: saved for backward are the input and (mean, 1/std) per set; double backward
-recomputes through the reference path.
+Checked under Triton's interpreter on the CPU (see ``gpu.py``). Same contract as the
+Numba passes: saved for backward are the input and (mean, 1/std) per set; the autograd
+formula over them is :mod:`normlab.kernels.function`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from normlab.kernels import reference
 from normlab.kernels.canonical import (
     Canonical,
     affine_offsets,
@@ -20,7 +19,6 @@ from normlab.kernels.canonical import (
     stats_from_plan,
     stats_to_plan,
 )
-from normlab.kernels.cpu_function import _through_reference
 from normlab.moments import stats_dtype
 from normlab.pattern import Plan
 
@@ -72,14 +70,30 @@ def _grid(c: Canonical) -> tuple[int]:
     return (c.shape[0] * c.shape[2],)
 
 
-class GpuBatchNormFunction(torch.autograd.Function):
-    """(y, mean, var) with batch statistics; mean and var are not differentiable."""
+@dataclass(frozen=True)
+class TritonPasses:
+    """The Triton kernels' passes for statistics derived between them (``derived.Passes``)."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, eps, center, prep):  # noqa: ANN001, ANN205
+    prep: GpuPrepared
+    p: Plan
+
+    name = "triton"
+
+    @property
+    def canon(self) -> Canonical:
+        return self.prep.canon
+
+    def describe(self) -> str:
+        c = self.prep.canon
+        return f"gpu (triton): family {c.family}, canonical (A, B, C, D) = {c.shape}"
+
+    def forward(
+        self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+        """Batch statistics and y: ``(y, saved for backward, mean, var)`` (plan's stats shape)."""
         from normlab.kernels import gpu
 
-        c = prep.canon
+        c, prep = self.canon, self.prep
         y = torch.empty_like(x)
         sets = torch.empty(3, c.shape[0], c.shape[2], device=x.device, dtype=torch.float32)
         gpu.forward_kernel[_grid(c)](
@@ -87,88 +101,48 @@ class GpuBatchNormFunction(torch.autograd.Function):
             prep.w, prep.b, *prep.tables, c.shape[1], c.shape[2], c.shape[3], float(eps),
             CENTER=bool(center), BLOCK=BLOCK,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, sets[0], sets[2])
-        ctx.args = (p, eps, center, prep)
         dtype = stats_dtype(x.dtype)
-        mean, var = stats_to_plan(sets[0].to(dtype), p, c), stats_to_plan(sets[1].to(dtype), p, c)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        mean, var = (stats_to_plan(sets[i].to(dtype), self.p, c) for i in (0, 1))
+        return y, (sets[0], sets[2]), mean, var
 
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        p, eps, center, prep = ctx.args
-        if torch.is_grad_enabled():
-
-            def again(x, w, b):  # noqa: ANN001, ANN202
-                return reference.normalize_batch(x, p, w, b, eps, center)[0]
-
-            return (*_through_reference(again, (x, weight, bias), gy, ctx), None, None, None, None)
-        grads = _backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center)
-        return (*grads, None, None, None, None)
-
-
-class GpuApplyFunction(torch.autograd.Function):
-    """y = (x − mean)·rsqrt(var + eps)·weight + bias with statistics that need no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, mean, var, eps, prep):  # noqa: ANN001, ANN205
+    def apply(
+        self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """y with given statistics (plan's stats shape): ``(y, saved for backward)``."""
         from normlab.kernels import gpu
 
-        c = prep.canon
-        m = stats_from_plan(mean.detach().to(torch.float32), p, c)
-        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float32), p, c) + eps)
+        c, prep = self.canon, self.prep
+        m = stats_from_plan(mean.detach().to(torch.float32), self.p, c)
+        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float32), self.p, c) + eps)
         y = torch.empty_like(x)
         gpu.apply_kernel[_grid(c)](
             flat_view(x.detach(), c), flat_view(y, c), m, r, prep.w, prep.b, *prep.tables,
             c.shape[1], c.shape[2], c.shape[3], BLOCK=BLOCK,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, m, r)
-        ctx.args = (p, mean, var, eps, prep)
-        return y
+        return y, (m, r)
 
-    @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, weight, bias, m, r = ctx.saved_tensors
-        p, mean, var, eps, prep = ctx.args
-        if torch.is_grad_enabled():
+    def backward(
+        self,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        saved: tuple[torch.Tensor, ...],
+        batch: bool,
+        center: bool,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """gx and the flat weight and bias gradients (float32) from the saved statistics."""
+        from normlab.kernels import gpu
 
-            def again(x, w, b):  # noqa: ANN001, ANN202
-                return reference.normalize_with(x, p, mean, var, w, b, eps)
-
-            grads = _through_reference(again, (x, weight, bias), gy, ctx)
-            return (*grads, None, None, None, None, None)
-        grads = _backward(ctx, x, gy, weight, bias, m, r, prep, False, True)
-        return (*grads, None, None, None, None, None)
-
-
-def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noqa: ANN001, ANN202
-    from normlab.kernels import gpu
-
-    c = prep.canon
-    gy = _like(gy, x)
-    gx = torch.empty_like(x)
-    dw = torch.zeros_like(prep.w)
-    db = torch.zeros_like(prep.w)
-    gpu.backward_kernel[_grid(c)](
-        flat_view(x.detach(), c), flat_view(gy, c), flat_view(gx, c), mean, rstd, prep.w,
-        dw, db, *prep.tables, c.shape[1], c.shape[2], c.shape[3],
-        BATCH=bool(batch), CENTER=bool(center), BLOCK=BLOCK,
-    )  # fmt: skip
-    gw = dw.to(weight.dtype).reshape(weight.shape) if weight is not None else None
-    gb = db.to(bias.dtype).reshape(bias.shape) if bias is not None else None
-    return (gx if ctx.needs_input_grad[0] else None), gw, gb
-
-
-@dataclass(frozen=True)
-class TritonPasses:
-    """The Triton kernels' passes for statistics derived between them (``derived.Passes``)."""
-
-    prep: GpuPrepared
-
-    @property
-    def canon(self) -> Canonical:
-        return self.prep.canon
+        c, prep = self.canon, self.prep
+        mean, rstd = _f32(*saved)
+        gx = torch.empty_like(x)
+        dw, db = torch.zeros_like(prep.w), torch.zeros_like(prep.w)
+        gpu.backward_kernel[_grid(c)](
+            flat_view(x.detach(), c), flat_view(_like(gy, x), c), flat_view(gx, c), mean, rstd,
+            prep.w, dw, db, *prep.tables, c.shape[1], c.shape[2], c.shape[3],
+            BATCH=bool(batch), CENTER=bool(center), BLOCK=BLOCK,
+        )  # fmt: skip
+        return (gx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from normlab.kernels import gpu

@@ -1,21 +1,19 @@
-"""Autograd Functions over the Numba kernels: batch statistics, and given statistics.
+"""The Numba kernels' passes (CPU): statistics, normalize, gradient sums, input gradient.
 
-Saved for backward: the input and two float64 numbers per set (mean, 1/std), plus
-the parameters. Gradients for x, weight and bias come from hand-written kernels.
-Double backward (``create_graph=True``) recomputes through the reference path, so
-``gradgradcheck`` holds on either path, at reference speed.
+:func:`prepare` turns one call into the kernels' view of it (canonical form, affine
+offset tables, the work split into tasks, cached per shape, strides and pattern);
+:class:`NumbaPasses` runs the passes on it. The autograd formula over the passes is
+written once, in :mod:`normlab.kernels.function`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from normlab.kernels import reference
 from normlab.kernels.canonical import (
     Canonical,
     affine_offsets,
@@ -125,21 +123,30 @@ def _layout(
         kshape, gs = (A, B, C * D, 1), D
         tables = [tables[0], tables[1], (tables[2][:, None] + tables[3][None, :]).reshape(-1)]
         tables.append(np.zeros(1, np.int64))
-    serial = math.prod(shape) < SERIAL_BELOW
-    tasks, chunks, fused = _split(kshape, 1 if serial else nthreads)
+    tasks, chunks, fused = _split(kshape, nthreads)
     mode = _mode(kshape, tables)
     return Layout(c, kshape, gs, tuple(tables), mode, tasks, chunks, remap, fused)
 
 
 def prepare(
-    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    nthreads: int | None = None,
 ) -> Prepared | str:
-    """The kernel's view of one call, or the reason it cannot take it."""
+    """The kernel's view of one call, or the reason it cannot take it.
+
+    `nthreads` forces the split into that many chunks (tests cut small inputs as if they
+    were large); by default torch's thread count, one thread below `SERIAL_BELOW`.
+    """
     if weight is not None and bias is not None and weight.shape != bias.shape:
         return "weight and bias broadcast differently"
     param = weight if weight is not None else bias
     param_shape = None if param is None else tuple(param.shape)
-    lay = _layout(tuple(x.shape), tuple(x.stride()), p, param_shape, threads())
+    if nthreads is None:
+        nthreads = 1 if x.numel() < SERIAL_BELOW else threads()
+    lay = _layout(tuple(x.shape), tuple(x.stride()), p, param_shape, nthreads)
     if isinstance(lay, str):
         return lay
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
@@ -193,134 +200,6 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """(y, mean, var) = normalize with batch statistics; mean and var are not differentiable."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, eps, center, prep, native=None):  # noqa: ANN001, ANN205
-        """`native`: ATen's thunk for the forward (the backward stays this kernel's)."""
-        from normlab.kernels import cpu
-
-        c = prep.canon
-        if native is not None:
-            y, m, v = native(True)
-            mean = stats_from_plan(m, p, c)
-            rstd = torch.rsqrt(stats_from_plan(v.double(), p, c) + eps).to(mean.dtype)
-        else:
-            xc = _kernel_input(x)
-            yc = torch.empty_like(xc)
-            mean = np.empty((c.shape[0], c.shape[2]))
-            var = np.empty_like(mean)
-            rstd = np.empty_like(mean)
-            cpu.forward(
-                _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
-                prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
-                prep.tasks, prep.chunks, prep.fused,
-            )  # fmt: skip
-            y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
-            # numpy casts: O(#sets) work that should not wake torch's thread pool
-            np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
-            mean, var, rstd = (torch.from_numpy(t.astype(np_dtype)) for t in (mean, var, rstd))
-            m, v = stats_to_plan(mean, p, c), stats_to_plan(var, p, c)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.args = (p, eps, center, prep)
-        ctx.mark_non_differentiable(m, v)
-        return y, m, v
-
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):  # noqa: ANN001, ANN205
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        p, eps, center, prep = ctx.args
-        if torch.is_grad_enabled():  # create_graph: differentiate the reference path instead
-
-            def again(x, w, b):  # noqa: ANN001, ANN202
-                return reference.normalize_batch(x, p, w, b, eps, center)[0]
-
-            grads = _through_reference(again, (x, weight, bias), gy, ctx)
-            return (*grads, None, None, None, None, None)
-        mean, rstd = (t.repeat_interleave(prep.gs, 1) for t in (mean, rstd))  # per column
-        grads = _backward(ctx, x, gy, weight, bias, mean, rstd, prep, True, center)
-        return (*grads, None, None, None, None, None)
-
-
-class ApplyFunction(torch.autograd.Function):
-    """y = (x − mean)·rsqrt(var + eps)·weight + bias with statistics that need no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, mean, var, eps, prep):  # noqa: ANN001, ANN205
-        from normlab.kernels import cpu
-
-        xc = _kernel_input(x)
-        yc = torch.empty_like(xc)
-        c = prep.canon
-        m = stats_from_plan(mean.detach().to(torch.float64), p, c)
-        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), p, c) + eps)
-        m, r = (t.repeat_interleave(prep.gs, 1).to(stats_dtype(xc.dtype)) for t in (m, r))
-        cpu.apply(
-            _rows(xc, c), _rows(yc, c), prep.shape, m.numpy(), r.numpy(),
-            prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, m, r)
-        ctx.args = (p, mean, var, eps, prep)
-        return yc if yc.dtype == x.dtype else yc.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, weight, bias, m, r = ctx.saved_tensors
-        p, mean, var, eps, prep = ctx.args
-        if torch.is_grad_enabled():
-
-            def again(x, w, b):  # noqa: ANN001, ANN202
-                return reference.normalize_with(x, p, mean, var, w, b, eps)
-
-            return (
-                *_through_reference(again, (x, weight, bias), gy, ctx),
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        return (
-            *_backward(ctx, x, gy, weight, bias, m, r, prep, False, True),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def _through_reference(fn, inputs, gy, ctx):  # noqa: ANN001, ANN202
-    """Gradients of fn(x, weight, bias) with a graph (double backward)."""
-    needs = ctx.needs_input_grad[:3]
-    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
-    grads = iter(torch.autograd.grad(fn(*inputs), wanted, gy, create_graph=True))
-    return tuple(
-        next(grads) if need and t is not None else None
-        for t, need in zip(inputs, needs, strict=True)
-    )
-
-
-def _backward(ctx, x, gy, weight, bias, mean, rstd, prep, batch, center):  # noqa: ANN001, ANN202
-    from normlab.kernels import cpu
-
-    c = prep.canon
-    xc = _kernel_input(x)
-    gyc = _like(gy, xc)
-    gxc = torch.empty_like(xc)
-    mean, rstd = mean.to(stats_dtype(xc.dtype)), rstd.to(stats_dtype(xc.dtype))
-    dw, db = _affine_rows(prep)
-    cpu.backward(
-        _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean.numpy(), rstd.numpy(), prep.w, *prep.tables, prep.mode, batch, center,
-        prep.tasks, prep.chunks, prep.fused, dw, db,
-    )  # fmt: skip
-    gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
-    return (gx if ctx.needs_input_grad[0] else None), *_affine_grads(
-        ctx, weight, bias, dw, db, prep
-    )
-
-
 def _like(gy: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
     """gy in the kernel's dtype and in x's memory order (the kernels read both alike)."""
     gyc = gy.detach().to(xc.dtype)
@@ -344,16 +223,6 @@ def _summed(rows: np.ndarray, prep: Prepared) -> torch.Tensor:
     return torch.from_numpy(total)
 
 
-def _affine_grads(ctx, weight, bias, dw, db, prep):  # noqa: ANN001, ANN202
-    """The weight and bias gradients from the kernels' per-chunk rows of partial sums."""
-    gw = gb = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        gw = _summed(dw, prep).to(weight.dtype).reshape(weight.shape)
-    if bias is not None and ctx.needs_input_grad[2]:
-        gb = _summed(db, prep).to(bias.dtype).reshape(bias.shape)
-    return gw, gb
-
-
 def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
     """out[index[i]] += values[i]."""
     return np.bincount(index, weights=values, minlength=size)
@@ -361,21 +230,103 @@ def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NumbaPasses:
-    """The Numba kernels' passes for statistics derived between them (``derived.Passes``).
+    """The Numba kernels' passes for one call (see :class:`normlab.kernels.function.Passes`).
 
-    When every task holds whole sets, the fused kernels run in parts (statistics, then
-    output; sums, then input gradient), so many short sets cost no per-set overhead;
-    otherwise the two-pass kernels' pieces run.
+    Batch statistics run fused (statistics and output while a task's sets are in cache;
+    gradient sums and input gradient likewise); statistics derived between passes (the
+    hybrid norms) run the pieces: when every task holds whole sets, the fused kernels
+    in parts, so many short sets cost no per-set overhead; otherwise the two-pass
+    kernels' pieces.
     """
 
     prep: Prepared
+    p: Plan
+
+    name = "numba"
 
     @property
     def canon(self) -> Canonical:
         return self.prep.canon
 
+    def describe(self) -> str:
+        c = self.prep.canon
+        return f"cpu (numba): family {c.family}, canonical (A, B, C, D) = {c.shape}"
+
+    def forward(
+        self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+        """Batch statistics and y: ``(y, saved for backward, mean, var)`` (plan's stats shape)."""
+        from normlab.kernels import cpu
+
+        prep, c = self.prep, self.prep.canon
+        xc = _kernel_input(x)
+        yc = torch.empty_like(xc)
+        mean = np.empty((c.shape[0], c.shape[2]))
+        var = np.empty_like(mean)
+        rstd = np.empty_like(mean)
+        cpu.forward(
+            _rows(xc, c), _rows(yc, c), prep.shape, prep.gs, mean, var, rstd,
+            prep.w, prep.b, *prep.tables, prep.mode, float(eps), bool(center),
+            prep.tasks, prep.chunks, prep.fused,
+        )  # fmt: skip
+        y = yc if yc.dtype == x.dtype else yc.to(x.dtype)
+        # numpy casts: O(#sets) work that should not wake torch's thread pool
+        np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+        mean, var, rstd = (torch.from_numpy(t.astype(np_dtype)) for t in (mean, var, rstd))
+        return y, (mean, rstd), stats_to_plan(mean, self.p, c), stats_to_plan(var, self.p, c)
+
+    def apply(
+        self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """y with given statistics (plan's stats shape): ``(y, saved for backward)``."""
+        from normlab.kernels import cpu
+
+        prep, c = self.prep, self.prep.canon
+        xc = _kernel_input(x)
+        yc = torch.empty_like(xc)
+        m = stats_from_plan(mean.detach().to(torch.float64), self.p, c)
+        r = torch.rsqrt(stats_from_plan(var.detach().to(torch.float64), self.p, c) + eps)
+        m, r = (t.to(stats_dtype(xc.dtype)) for t in (m, r))
+        cpu.apply(
+            _rows(xc, c), _rows(yc, c), prep.shape, self._columns(m), self._columns(r),
+            prep.w, prep.b, *prep.tables, prep.mode, prep.tasks, prep.chunks,
+        )  # fmt: skip
+        return (yc if yc.dtype == x.dtype else yc.to(x.dtype)), (m, r)
+
+    def backward(
+        self,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        saved: tuple[torch.Tensor, ...],
+        batch: bool,
+        center: bool,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """gx and the flat weight and bias gradients (float64) from the saved statistics."""
+        from normlab.kernels import cpu
+
+        prep, c = self.prep, self.prep.canon
+        xc = _kernel_input(x)
+        gyc = _like(gy, xc)
+        gxc = torch.empty_like(xc)
+        mean, rstd = (self._columns(t.to(stats_dtype(xc.dtype))) for t in saved)
+        dw, db = _affine_rows(prep)
+        cpu.backward(
+            _rows(xc, c), _rows(gyc, c), _rows(gxc, c), prep.shape, prep.gs, mean, rstd,
+            prep.w, *prep.tables, prep.mode, batch, center, prep.tasks, prep.chunks,
+            prep.fused, dw, db,
+        )  # fmt: skip
+        gx = gxc if gxc.dtype == x.dtype else gxc.to(x.dtype)
+        return (
+            gx if needs[0] else None,
+            _summed(dw, prep) if needs[1] else None,
+            _summed(db, prep) if needs[2] else None,
+        )
+
     def _columns(self, t: torch.Tensor) -> np.ndarray:
         # per set (A, C) → per kernel column (a set spans gs columns when folded)
+        if self.prep.gs == 1:
+            return t.contiguous().numpy()
         return t.repeat_interleave(self.prep.gs, 1).contiguous().numpy()
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,83 @@
+"""Eager per-call cost on a small input (2×16×8×8): normlab against torch.nn.
+
+On small inputs a call's time is its fixed cost (Python, dispatch, op launches), which
+on a GPU would exceed the kernel itself. Each layer and its torch.nn counterpart are
+called alternately in one process; the table gives the median of many calls and the
+ratio (target: at most 1.3).
+
+    python benchmarks/eager_overhead.py [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import normlab
+
+SHAPE = (2, 16, 8, 8)
+
+
+class TorchLayerNorm2d(nn.LayerNorm):
+    """The usual LayerNorm2d (timm, ConvNeXt): layer norm over channels of NCHW data."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return super().forward(x).permute(0, 3, 1, 2)
+
+
+def pairs() -> list[tuple[str, nn.Module, nn.Module]]:
+    c = SHAPE[1]
+    rest = list(SHAPE[1:])
+    out = [
+        ("BatchNorm2d train", normlab.BatchNorm2d(c), nn.BatchNorm2d(c)),
+        ("BatchNorm2d eval", normlab.BatchNorm2d(c).eval(), nn.BatchNorm2d(c).eval()),
+        ("GroupNorm", normlab.GroupNorm(4, c), nn.GroupNorm(4, c)),
+        ("InstanceNorm2d", normlab.InstanceNorm2d(c), nn.InstanceNorm2d(c)),
+        ("LayerNorm", normlab.LayerNorm(rest), nn.LayerNorm(rest)),
+        ("RMSNorm", normlab.RMSNorm(rest), nn.RMSNorm(rest)),
+        ("LayerNorm2d", normlab.LayerNorm2d(c), TorchLayerNorm2d(c, eps=1e-6)),
+    ]
+    return out
+
+
+def per_call(fn: Callable[[], object], calls: int) -> float:
+    """Median seconds per call, timed in batches of 10 calls."""
+    for _ in range(50):
+        fn()
+    times = []
+    for _ in range(calls // 10):
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        times.append((time.perf_counter() - start) / 10)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(SHAPE)
+    print("| layer | normlab (µs) | torch.nn (µs) | ratio |")
+    print("|---|---|---|---|")
+    ratios = []
+    for name, ours, theirs in pairs():
+        got = [0.0, 0.0]
+        for _ in range(3):  # alternate: machine load falls on both
+            for i, layer in enumerate((ours, theirs)):
+                got[i] += per_call(lambda layer=layer: layer(x), args.calls // 3)
+        ratio = got[0] / got[1]
+        ratios.append(ratio)
+        print(f"| {name} | {got[0] / 3 * 1e6:.1f} | {got[1] / 3 * 1e6:.1f} | {ratio:.2f} |")
+    print(f"\nmedian ratio {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
