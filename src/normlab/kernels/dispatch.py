@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import torch
 
 from normlab.kernels import native, reference
+from normlab.kernels.transforms import transform
 from normlab.pattern import Plan, plan
 
 log = logging.getLogger("normlab.kernels")
@@ -108,6 +109,9 @@ def _choose(
     `batch` is ``(eps, center)`` for a call that computes its own statistics, the only
     kind ATen's fused kernels serve.
     """
+    under = transform(x)
+    if under != "eager":  # traced or transformed: plain ATen ops, no branch on sizes
+        return "reference", f"under {under}: ATen operations a transform can follow"
     if reference_forced():
         return "reference", "reference path forced"
     if x.dtype not in KERNEL_DTYPES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
 from normlab.layers.tracked import check_eps_momentum, check_positive_int
 from normlab.moments import batch_stats, from_stats
@@ -69,6 +70,7 @@ class FilterResponseNorm(nn.Module):
         else:
             self.eps = float(eps)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
@@ -122,6 +124,7 @@ class EvoNormB0(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
@@ -216,6 +219,7 @@ class EvoNormS0(nn.Module):
         """The variance's pattern; size ``g`` is `num_groups`."""
         return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)

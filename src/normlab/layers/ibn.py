@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
 from normlab.layers.instancenorm import InstanceNorm
@@ -77,6 +78,7 @@ class IBN(nn.Module):
         else:
             self.BN = BatchNorm(rest, **options)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.planes, axis)
@@ -182,6 +184,7 @@ class IBNb(InstanceNorm):
             channel_axis=channel_axis,
         )
 
+    @fx_leaf
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None:
             if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
