@@ -343,6 +343,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     parser.add_argument("--format", choices=("text", "md"), default="text")
     parser.add_argument("--device", default="cpu", help="where to run: cpu (default) or cuda")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="normlab under torch.compile against torch.nn under torch.compile "
+        "(conv-norm-ReLU blocks, the norms alone) and the eager per-call cost on small inputs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -363,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         raise ValueError(f"bench: no case matches --cases {args.cases!r}; e.g. 'gn', 'cl', 'bf16'")
     repeats = args.repeats or (5 if args.quick else 11)
+    if getattr(args, "compile", False):
+        from normlab.bench_compile import run_compiled
+
+        return run_compiled(args.quick, wanted, repeats, args.format == "md")
     header = [short for short, _ in COLUMNS]
     where = f"{torch.get_num_threads()} threads" if device == "cpu" else device
     print(f"# normlab bench: {where}, torch {torch.__version__}, "

@@ -133,7 +133,8 @@ def kept_names(p: Plan) -> tuple[str, ...]:
 
 def from_stats(mean: torch.Tensor, var: torch.Tensor, p: Plan) -> Moments:
     """Wrap `p.stats_shape` statistics as Moments over `p`'s kept axes."""
-    count = torch.full(p.kept_shape, float(p.set_size), dtype=mean.dtype, device=mean.device)
+    # set_size may be symbolic under torch.compile: no float() that would specialize it
+    count = torch.full(p.kept_shape, p.set_size, dtype=mean.dtype, device=mean.device)
     return Moments(p.to_kept(mean), p.to_kept(var).clamp(min=0), count, p.kept_axes)
 
 

@@ -3,7 +3,9 @@
 `normalize` is the public function; `normalize_batch` and `normalize_with` are what the
 layers call (batch statistics, or statistics from elsewhere: running estimates, other
 processes). Both go through the kernel dispatcher, whose reference path is plain
-PyTorch operations (differentiable twice, any device and dtype).
+PyTorch operations (differentiable twice, any device and dtype). Under a program
+transform (``torch.compile``, ``torch.export``, ``torch.func``, ``torch.jit.trace``)
+calls take the reference path directly: the transform sees ATen operations only.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from normlab.errors import check_floating
-from normlab.kernels import dispatch
+from normlab.kernels import dispatch, reference
 from normlab.kernels.reference import Derive
+from normlab.kernels.transforms import traced
 from normlab.moments import Moments, from_stats
 from normlab.pattern import Plan, plan
 
@@ -81,7 +84,10 @@ def normalize_batch(
     updates batch-norm buffers itself (unbiased variance) may do so and return None
     for the moments; otherwise the caller updates them from the moments.
     """
-    y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center, running=running)
+    if traced(x):
+        y, mean, var = reference.normalize_batch(x, p, weight, bias, eps, center)
+    else:
+        y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center, running=running)
     if mean is None:
         return y, None
     return y, from_stats(mean.detach(), var.detach(), p)
@@ -96,6 +102,8 @@ def normalize_plan(
     center: bool = True,
 ) -> torch.Tensor:
     """Normalize with the batch's own statistics, for layers that keep none of them."""
+    if traced(x):
+        return reference.normalize_batch(x, p, weight, bias, eps, center)[0]
     return dispatch.normalize_batch(x, p, weight, bias, eps, center, stats=False)[0]
 
 
@@ -109,7 +117,10 @@ def normalize_with(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Normalize with given statistics of `p.kept_shape` (running estimates, say)."""
-    return dispatch.normalize_with(x, p, p.to_stats(mean), p.to_stats(var), weight, bias, eps)
+    mean, var = p.to_stats(mean), p.to_stats(var)
+    if traced(x):
+        return reference.normalize_with(x, p, mean, var, weight, bias, eps)
+    return dispatch.normalize_with(x, p, mean, var, weight, bias, eps)
 
 
 def normalize_derived(
@@ -135,7 +146,10 @@ def normalize_derived(
         ...     return p.to_stats(batch.mean.expand(8, 4)), p.to_stats(rstd.expand(8, 4))
         >>> y, instance = normalize_derived(torch.randn(8, 4, 5, 5), p, as_batch_norm)
     """
-    y, mean, var = dispatch.normalize_derived(x, p, derive, weight, bias, tuple(inputs), fast)
+    if traced(x):
+        y, mean, var = reference.normalize_derived(x, p, derive, weight, bias, tuple(inputs))
+    else:
+        y, mean, var = dispatch.normalize_derived(x, p, derive, weight, bias, tuple(inputs), fast)
     return y, from_stats(mean.detach(), var.detach(), p)
 
 

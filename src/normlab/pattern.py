@@ -3,12 +3,14 @@
 The left side names the input's axes (a parenthesised group splits one input axis,
 ``...`` stands for any number of axes); the right side names the axes the statistics
 are kept *per*. Every axis not on the right is reduced. A pattern is parsed once
-(cached) and resolved against a shape into a :class:`Plan`, also cached.
+(cached) and resolved against a shape into a :class:`Plan`, also cached. Under
+``torch.compile`` and ``torch.export`` the shape may hold symbolic sizes: then the plan
+is built afresh (dynamo traces it once per graph) and its sizes stay symbolic, so a
+dynamic batch is not specialized to a constant.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +58,14 @@ def _split_side(side: str, text: str) -> list[str]:
         tokens.append(match.group(1))
         pos = match.end()
     return tokens
+
+
+def _prod(values: list) -> int:
+    # math.prod over a generator is opaque to dynamo; sizes may be symbolic (SymInt)
+    total = 1
+    for v in values:
+        total = total * v
+    return total
 
 
 @lru_cache(maxsize=512)
@@ -126,12 +136,12 @@ class Plan:
 
     @property
     def num_sets(self) -> int:
-        return math.prod(self.expanded_shape[i] for i in self.kept)
+        return _prod([self.expanded_shape[i] for i in self.kept])
 
     @property
     def set_size(self) -> int:
         """Elements that share one mean and variance (the BN paper's effective mini-batch)."""
-        return math.prod(self.expanded_shape[i] for i in self.reduced)
+        return _prod([self.expanded_shape[i] for i in self.reduced])
 
     @property
     def kept_shape(self) -> tuple[int, ...]:
@@ -171,9 +181,10 @@ def _fail(pattern: Pattern, shape: tuple[int, ...], message: str) -> PatternErro
     return PatternError(f"pattern '{pattern.text}' on input of shape {shape}: {message}")
 
 
-@lru_cache(maxsize=4096)
-def _plan(text: str, shape: tuple[int, ...], sizes: tuple[tuple[str, int], ...]) -> Plan:
-    pattern = parse_pattern(text)
+def _resolve(text: str, shape: tuple[int, ...], sizes: tuple[tuple[str, int], ...]) -> Plan:
+    pattern = (
+        parse_pattern.__wrapped__(text) if torch.compiler.is_compiling() else parse_pattern(text)
+    )
     known = dict(sizes)
     for name in known:
         if name not in pattern.axis_names:
@@ -204,7 +215,7 @@ def _plan(text: str, shape: tuple[int, ...], sizes: tuple[tuple[str, int], ...])
             continue
         size = shape[d]
         unknown = [n for n in names if n not in known]
-        given = math.prod(known[n] for n in names if n in known)
+        given = _prod([known[n] for n in names if n in known])
         if len(unknown) > 1:
             raise _fail(
                 pattern,
@@ -253,4 +264,11 @@ def plan(pattern: str, shape: tuple[int, ...] | list[int], **sizes: int) -> Plan
             raise PatternError(
                 f"pattern '{pattern}': expected a positive int for {name}=, got {value!r}"
             )
-    return _plan(pattern, tuple(int(s) for s in shape), tuple(sorted(sizes.items())))
+    key = tuple(sorted(sizes.items()))
+    if torch.compiler.is_compiling() or not all(type(s) is int for s in shape):
+        # symbolic sizes (torch.compile, torch.export): no int() that would specialize them
+        return _resolve(pattern, tuple(shape), key)
+    return _plan(pattern, tuple(shape), key)
+
+
+_plan = lru_cache(maxsize=4096)(_resolve)

@@ -28,6 +28,7 @@ from normlab.distributed import (
     synchronizing,
     world_size,
 )
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.batchnorm import _BatchNormForward, _init
 from normlab.layers.checks import channel_view, check_input
 from normlab.pattern import plan
@@ -97,6 +98,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     def _check_input_dim(self, x: torch.Tensor) -> None:  # torch's hook; checks live in forward
         pass
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As torch: synchronize only in training with batch statistics; eval uses the
         # running estimates (or, without them, this process's batch).

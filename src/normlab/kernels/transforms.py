@@ -1,8 +1,10 @@
-"""Which PyTorch transform, if any, is tracing the current call.
+"""Which of PyTorch's program transforms is looking at a call, if any.
 
-The dispatcher takes the path each transform can see (:mod:`normlab.kernels.dispatch`):
-eager calls reach the kernels directly; ``torch.export``, ``torch.func``, ``torch.fx``
-and ``torch.jit`` tracing get the reference decomposition (ATen operators only).
+The kernels (Numba, Triton) run on real data only; a transform that traces or
+rewrites the program sees the reference path instead, plain ATen operations it
+can follow: exported graphs (``torch.export``, ONNX) then hold standard operators
+only and run where normlab is not installed, ``torch.func`` differentiates and
+batches them, and ``torch.compile`` fuses them with their neighbours.
 
 Example:
     >>> transform()
@@ -11,30 +13,80 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-MODES = ("eager", "compile", "export", "func", "fx", "jit")
+#: The answers of :func:`transform`, in the order they are checked after "fx".
+TRANSFORMS = ("eager", "compile", "export", "func", "fx", "jit")
+MODES = TRANSFORMS
 
 
-def transform(*tensors: torch.Tensor | None) -> str:
-    """``"eager"``, or the transform tracing this call: ``"export"``, ``"compile"``,
-    ``"func"`` (a functorch-wrapped tensor among `tensors`), ``"fx"`` (a
-    ``torch.fx.Proxy`` among them) or ``"jit"`` (``torch.jit.trace``).
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def transform(*tensors: object) -> str:
+    """The transform tracing this call: "eager" when none.
+
+    "fx" (a ``torch.fx`` Proxy among `tensors`), "jit" (``torch.jit.trace``, which the
+    legacy ONNX exporter uses), "export" (``torch.export``, ONNX ``dynamo=True``),
+    "compile" (dynamo tracing, or fake tensors), "func" (a ``torch.func`` transform
+    such as ``grad`` or ``vmap``), else "eager".
 
     Example:
-        >>> transform(torch.randn(2))
+        >>> transform(torch.zeros(2))
         'eager'
     """
-    if torch.compiler.is_compiling():
-        exporting = getattr(torch.compiler, "is_exporting", None)
-        return "export" if exporting is not None and exporting() else "compile"
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if any(isinstance(t, torch.fx.Proxy) for t in tensors):
+        return "fx"
+    if torch.jit.is_tracing():
         return "jit"
-    for t in tensors:
-        if t is None:
-            continue
-        if isinstance(t, torch.fx.Proxy):
-            return "fx"
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return "func"
+    if torch.compiler.is_exporting():
+        return "export"
+    if torch.compiler.is_compiling():
+        return "compile"
+    if _functorch_active():
+        return "func"
+    if any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
+        return "compile"
     return "eager"
+
+
+def traced(*tensors: object) -> bool:
+    """True under any transform (the reference path's calls; no kernels, no size branches)."""
+    return transform(*tensors) != "eager"
+
+
+def fx_leaf(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a layer's ``forward`` record itself as one call under ``torch.fx`` tracing.
+
+    torch.nn's norms are leaves of ``torch.fx.symbolic_trace`` (by their module path);
+    a normlab layer reads its input's shape to resolve its pattern, which a Proxy
+    cannot give, so under tracing it adds a ``call_module`` node for itself instead:
+    the traced module calls the layer, as it calls torch.nn's.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNorm2d(8)))
+    """
+
+    @functools.wraps(forward)
+    def traced_forward(self: torch.nn.Module, x: object, *args: object, **kwargs: object) -> Any:
+        if isinstance(x, torch.fx.Proxy):
+            tracer = x.tracer
+            try:
+                path = tracer.path_of_module(self)
+            except NameError:
+                path = ""
+            if not path:
+                raise TypeError(
+                    f"torch.fx: expected {type(self).__name__} inside the traced model, got it "
+                    "as the model itself; trace a model that holds it "
+                    "(e.g. nn.Sequential(layer)), where it appears as one call"
+                )
+            return tracer.create_proxy("call_module", path, (x, *args), kwargs)
+        return forward(self, x, *args, **kwargs)
+
+    return traced_forward

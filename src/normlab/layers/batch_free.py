@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
@@ -92,6 +93,7 @@ class FilterResponseNorm(nn.Module):
             with torch.no_grad():
                 self.eps.fill_(self._initial_eps)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
@@ -155,6 +157,7 @@ class EvoNormB0(nn.Module):
         _reset_affine(self)
         self.reset_running_stats()
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
@@ -271,6 +274,7 @@ class EvoNormS0(nn.Module):
         """The variance's pattern; size ``g`` is `num_groups`."""
         return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)

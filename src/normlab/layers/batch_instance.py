@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
@@ -82,6 +83,7 @@ class BatchInstanceNorm(TrackedNorm):
             return "n c ... -> c", "n c ... -> n c"
         return "n ... c -> c", "n ... c -> n c"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)

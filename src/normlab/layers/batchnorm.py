@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
@@ -40,6 +41,7 @@ class _BatchNormForward(RunningStatsMixin):
             return "n ... -> ..."
         return "n c ... -> c" if self.channel_axis == 1 else "n ... c -> c"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_activation:
             check_input(self, x, self._ranks)

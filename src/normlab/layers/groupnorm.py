@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
 from normlab.normalize import normalize_plan
 from normlab.pattern import plan
@@ -63,6 +64,7 @@ class GroupNorm(nn.GroupNorm):
         """The statistics pattern of this layer (any input rank); size ``g`` is `num_groups`."""
         return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = check_input(self, x, None, self.num_channels, self.channel_axis)
         p = plan(self.pattern(), x.shape, g=self.num_groups)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import (
     channel_view,
@@ -86,6 +87,7 @@ class IBN(nn.Module):
         else:
             self.BN = BatchNorm(rest, **options)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.planes, axis)
@@ -198,6 +200,7 @@ class IBNb(InstanceNorm):
             channel_axis=channel_axis,
         )
 
+    @fx_leaf
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None:
             if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
 from normlab.layers.running import RunningStatsMixin
 from normlab.moments import Moments
@@ -35,6 +36,7 @@ class _InstanceNormForward(RunningStatsMixin):
         """The statistics pattern of this layer (any input rank)."""
         return "n c ... -> n c" if self.channel_axis == 1 else "n ... c -> n c"
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(x, torch.Tensor) and self._ranks and x.dim() == self._ranks[0] - 1
         if unbatched and x.dim() >= 2:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
 from normlab.moments import stats_dtype
 from normlab.normalize import normalize_plan
@@ -41,6 +42,7 @@ class _FeatureNormForward:
     def _eps(self, x: torch.Tensor) -> float:
         return self.eps
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, "weight", None)
         bias = getattr(self, "bias", None)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from normlab.kernels.transforms import fx_leaf, traced
 from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import channel_view, check_eps_momentum, check_input, describe
 from normlab.layers.running import empty_batch
@@ -53,6 +54,11 @@ class Ramp:
 
     def __call__(self, step: int) -> float:
         t = min(max((step - self.begin) / (self.finish - self.begin), 0.0), 1.0)
+        return self.start + (self.end - self.start) * t
+
+    def at(self, step: torch.Tensor) -> torch.Tensor:
+        """The schedule at a step held in a tensor (no Python int, so a graph can hold it)."""
+        t = ((step - self.begin) / (self.finish - self.begin)).clamp(0.0, 1.0)
         return self.start + (self.end - self.start) * t
 
     def __repr__(self) -> str:
@@ -123,8 +129,17 @@ class BatchRenorm(BatchNorm):
         self.rmax, self.dmax = limits
         self.sync, self.process_group = sync, process_group
 
-    def limits(self) -> tuple[float, float]:
-        """(rmax, dmax) for the next training batch."""
+    def limits(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """(rmax, dmax) for the next training batch.
+
+        Under a transform (torch.compile, export) a :class:`Ramp` is evaluated on the
+        step tensor, so the graph does not read the step as a Python int.
+        """
+        if traced() and not any(
+            callable(v) and not isinstance(v, Ramp) for v in (self.rmax, self.dmax)
+        ):
+            step = self.num_batches_tracked
+            return tuple(v.at(step) if isinstance(v, Ramp) else v for v in (self.rmax, self.dmax))
         step = int(self.num_batches_tracked)
         rmax, dmax = (float(v(step) if callable(v) else v) for v in (self.rmax, self.dmax))
         if rmax < 1 or dmax < 0:
@@ -134,6 +149,7 @@ class BatchRenorm(BatchNorm):
             )
         return rmax, dmax
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)

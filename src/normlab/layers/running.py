@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from normlab.kernels.transforms import traced
 from normlab.layers.checks import describe
 from normlab.moments import Moments
 from normlab.normalize import normalize_batch, normalize_with
@@ -91,7 +92,8 @@ class RunningStatsMixin:
             )
         tracking = self.training and self.track_running_stats
         running = None
-        if tracking and to_running is batch_to_running and batch_plan is running_plan:
+        fused = to_running is batch_to_running and batch_plan is running_plan
+        if tracking and fused and not traced(x):
             # batch norm: a kernel may update the buffers as it goes (ATen's does)
             running = (self.running_mean, self.running_var, self._factor(1))
         y, batch = normalize_batch(x, batch_plan, weight, bias, self.eps, running=running)
@@ -111,7 +113,10 @@ class RunningStatsMixin:
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
-        factor = self._factor()
+        if self.momentum is None:  # a tensor, not float(): no data-dependent Python value
+            factor = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
+        else:
+            factor = float(self.momentum)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 

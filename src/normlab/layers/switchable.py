@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import channel_view, check_input, describe
 from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
@@ -124,6 +125,7 @@ class SwitchableNorm(TrackedNorm):
             inst = Moments(inst.mean, inst.unbiased_var(), inst.count, inst.axes)
         return inst, inst.reduce("c"), inst.reduce("n")
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)

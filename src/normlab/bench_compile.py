@@ -1,0 +1,168 @@
+"""`normlab bench --compile`: normlab under torch.compile against torch.nn under torch.compile.
+
+Three tables, every figure a ratio from one run (medians of interleaved repetitions):
+
+1. conv → norm → ReLU blocks (8×32×32×32, float32), forward and forward+backward,
+   normlab compiled / torch.nn compiled (the releases' compositions compiled, for the
+   hybrids ``ibn``, ``bin``, ``sn``);
+2. the bench table's norms alone, both compiled;
+3. the eager per-call cost on a small input (2×16×8×8): normlab / torch.nn, and the
+   microseconds of each (fixed cost, where the arithmetic is negligible).
+
+Example:
+    $ normlab bench --compile --quick --threads 2 --format md
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+from normlab.bench import KINDS, Case, _modules, cases, matches
+
+BLOCK_SHAPE = (8, 32, 32, 32)
+SMALL_SHAPE = (2, 16, 8, 8)
+
+
+def _block(norm):  # noqa: ANN001, ANN202
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(BLOCK_SHAPE[1], BLOCK_SHAPE[1], 3, padding=1), norm, nn.ReLU())
+
+
+def _pair(kind: str, shape: tuple[int, ...], block: bool):  # noqa: ANN202
+    """(torch.nn module, normlab module) for `kind`, the same parameters in both."""
+    import copy
+
+    if kind == "gn" and shape[1] < 32:  # the table's 32 groups need 32 channels or more
+        import torch
+
+        import normlab
+
+        ref, mine = torch.nn.GroupNorm(8, shape[1]), normlab.GroupNorm(8, shape[1])
+    else:
+        ref, mine = _modules(Case(kind, shape, False, "fp32"))
+    if block:
+        ref, mine = _block(ref), _block(mine)
+        mine[0] = copy.deepcopy(ref[0])
+    return ref, mine
+
+
+def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, interleaved, each timed call after an untimed one."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            fn()
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compiled_ratios(kind: str, shape: tuple[int, ...], block: bool, repeats: int) -> dict:
+    """normlab compiled / torch compiled, forward (no grad) and forward+backward."""
+    import torch
+
+    ref, mine = _pair(kind, shape, block)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    xg = x.clone().requires_grad_()
+    compiled = {"torch": torch.compile(ref), "normlab": torch.compile(mine)}
+
+    def forward(fn):  # noqa: ANN001, ANN202
+        def step():  # noqa: ANN202
+            with torch.no_grad():
+                return fn(x)
+
+        return step
+
+    def both(fn, module):  # noqa: ANN001, ANN202
+        def step():  # noqa: ANN202
+            fn(xg).sum().backward()
+            xg.grad = None
+            module.zero_grad(set_to_none=True)
+
+        return step
+
+    fns = {k: forward(f) for k, f in compiled.items()}
+    fns |= {f"{k}_fb": both(f, m) for (k, f), m in zip(compiled.items(), (ref, mine), strict=True)}
+    for fn in fns.values():  # compile outside the clock
+        fn()
+    t = _time(fns, repeats)
+    return {
+        "fwd": t["normlab"] / t["torch"],
+        "fb": t["normlab_fb"] / t["torch_fb"],
+        "torch_fb_ms": t["torch_fb"] * 1e3,
+    }
+
+
+def eager_call_cost(kind: str, repeats: int) -> dict:
+    """Eager forward on a small input: normlab's and torch.nn's microseconds per call."""
+    import torch
+
+    ref, mine = _pair(kind, SMALL_SHAPE, block=False)
+    x = torch.randn(SMALL_SHAPE, generator=torch.Generator().manual_seed(0))
+    calls = 50
+
+    def many(fn):  # noqa: ANN001, ANN202
+        def step():  # noqa: ANN202
+            for _ in range(calls):
+                fn(x)
+
+        return step
+
+    t = _time({"torch": many(ref), "normlab": many(mine)}, repeats)
+    return {k: v / calls * 1e6 for k, v in t.items()}
+
+
+def run_compiled(quick: bool, wanted: list[str], repeats: int, md: bool) -> int:
+    """Print the three tables; return 0."""
+    import torch
+
+    kinds = [k for k in KINDS if not wanted or any(w == k for w in wanted)] or list(KINDS)
+
+    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+        print(f"\n## {title}\n")
+        if md:
+            print("| " + " | ".join(header) + " |")
+            print("|" + "---|" * len(header))
+        for r in rows:
+            print(("| " + " | ".join(r) + " |") if md else "  ".join(f"{c:<28}" for c in r))
+
+    print(f"# normlab bench --compile: {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"median of {repeats}; ratios of time, lower is better")  # fmt: skip
+    rows = []
+    for kind in kinds:
+        r = compiled_ratios(kind, BLOCK_SHAPE, True, repeats)
+        rows.append([kind, f"{r['fwd']:.2f}", f"{r['fb']:.2f}", f"{r['torch_fb_ms']:.2f}"])
+        torch._dynamo.reset()
+    table(
+        "conv → norm → ReLU, 8×32×32×32 fp32, compiled",
+        ["norm", "fwd nl/torch", "fb nl/torch", "torch fb ms"],
+        rows,
+    )
+    rows = []
+    chosen = [c for c in cases(quick) if c.dtype == "fp32" and not c.channels_last]
+    chosen = [
+        c for c in chosen if c.kind in kinds and (not wanted or any(matches(c, w) for w in wanted))
+    ]
+    for case in chosen:
+        r = compiled_ratios(case.kind, case.shape, False, repeats)
+        rows.append([case.name, f"{r['fwd']:.2f}", f"{r['fb']:.2f}"])
+        torch._dynamo.reset()
+    table("the norms alone, compiled", ["case", "fwd nl/torch", "fb nl/torch"], rows)
+    rows = []
+    for kind in kinds:
+        r = eager_call_cost(kind, repeats)
+        rows.append(
+            [kind, f"{r['normlab'] / r['torch']:.2f}", f"{r['normlab']:.0f}", f"{r['torch']:.0f}"]
+        )
+    table(
+        "eager per-call cost, 2×16×8×8 fp32 forward",
+        ["norm", "nl/torch", "normlab µs", "torch µs"],
+        rows,
+    )
+    return 0
