@@ -580,3 +580,11 @@ def test_any_per_position_norm_is_recognised_and_kept_like_for_like(d, eps, cent
     assert new.channel_axis == axis and new.eps == eps
     assert type(new) is (normlab.LayerNorm if centered else normlab.RMSNorm)
     torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_weight_norm_parametrization_is_not_an_activation_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(normlab.weight_norm(nn.Conv2d(3, 4, 1)), nn.BatchNorm2d(4))
+    model, report = convert(model, "gn", num_groups=2)
+    assert [r.name for r in report.replaced] == ["1"]
+    assert is_norm(normlab.IBNb(4)) and model(torch.randn(2, 3, 5, 5)).shape == (2, 4, 5, 5)

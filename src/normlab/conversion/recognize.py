@@ -71,8 +71,13 @@ def known_base(cls: type) -> type:
     return next(c for c in cls.__mro__ if trusted(c) and issubclass(c, nn.Module))
 
 
-def _is_normlab_norm(cls: type) -> bool:
-    return cls.__module__.startswith(_NORMLAB_NORM_MODULES)
+def _is_normlab_norm(module: nn.Module) -> bool:
+    """One of normlab's activation norms: it has a channel count (a weight
+    parametrization such as ``WeightNorm`` lives beside them but normalizes weights)."""
+    if not type(module).__module__.startswith(_NORMLAB_NORM_MODULES):
+        return False
+    counts = (getattr(module, a, None) for a in ("num_features", "num_channels", "planes"))
+    return any(isinstance(c, int) and not isinstance(c, bool) for c in counts)
 
 
 def is_norm(module: object) -> bool:
@@ -87,7 +92,7 @@ def is_norm(module: object) -> bool:
     """
     if not isinstance(module, nn.Module) or isinstance(module, NormAct):
         return False
-    if isinstance(module, TORCH_NORMS) or _is_normlab_norm(type(module)):
+    if isinstance(module, TORCH_NORMS) or _is_normlab_norm(module):
         return True
     return _probed(module) is not None
 
@@ -302,7 +307,7 @@ def norm_spec(name: str, module: nn.Module) -> NormSpec:
         NormSpec(channels=8, channel_axis=-1, per_position=True, centered=True, eps=1e-05, drop=None, act=None)
     """
     cls = type(module)
-    if not isinstance(module, TORCH_NORMS) and not _is_normlab_norm(cls):
+    if not isinstance(module, TORCH_NORMS) and not _is_normlab_norm(module):
         probed = _probed(module)
         if probed is None:
             raise TypeError(
