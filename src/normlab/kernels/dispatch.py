@@ -114,6 +114,8 @@ def _choose(
         return "reference", f"dtype {x.dtype} has no kernel"
     if stats_grad:
         return "reference", "statistics that need a gradient"
+    if x.numel() == 0:
+        return "reference", "an empty input (no sets, or empty sets)"
     if x.numel() < MIN_ELEMENTS:
         return "reference", f"{x.numel()} elements < {MIN_ELEMENTS} (call overhead)"
     if p.set_size <= 1:
