@@ -181,6 +181,182 @@ ERRORS = [
         TypeError,
         "floating-point",
     ),
+    (
+        "bn-eps-zero",
+        lambda: normlab.BatchNorm2d(3, eps=0),
+        ValueError,
+        "BatchNorm2d: expected eps a finite float > 0, got 0",
+    ),
+    (
+        "bn-momentum",
+        lambda: normlab.BatchNorm2d(3, momentum=2),
+        ValueError,
+        "BatchNorm2d: expected momentum in [0, 1] or None, got 2",
+    ),
+    (
+        "brn-eps",
+        lambda: normlab.BatchRenorm(3, eps=-1.0),
+        ValueError,
+        "BatchRenorm: expected eps a finite float > 0",
+    ),
+    (
+        "brn-rmax",
+        lambda: normlab.BatchRenorm(3, rmax=0.5),
+        ValueError,
+        "BatchRenorm: expected rmax a float >= 1",
+    ),
+    (
+        "brn-wrong-channels",
+        lambda: normlab.BatchRenorm(3)(torch.randn(2, 4, 5, 5)),
+        ValueError,
+        "expected 3 channels at dim 1, got 4",
+    ),
+    (
+        "brn-one-value",
+        lambda: normlab.BatchRenorm(3)(torch.randn(1, 3)),
+        ValueError,
+        "expected more than 1 value per channel when training",
+    ),
+    (
+        "bin-features",
+        lambda: normlab.BatchInstanceNorm(0),
+        ValueError,
+        "BatchInstanceNorm: expected num_features a positive int, got 0",
+    ),
+    (
+        "bin-eps",
+        lambda: normlab.BatchInstanceNorm(4, eps=0.0),
+        ValueError,
+        "BatchInstanceNorm: expected eps a finite float > 0",
+    ),
+    (
+        "bin-rank",
+        lambda: normlab.BatchInstanceNorm(4)(torch.randn(2, 4)),
+        ValueError,
+        "expected input of at least 3 dims",
+    ),
+    (
+        "bin-one-position",
+        lambda: normlab.BatchInstanceNorm(4)(torch.randn(2, 4, 1)),
+        ValueError,
+        "expected more than 1 spatial element when training",
+    ),
+    (
+        "sn-variance",
+        lambda: normlab.SwitchableNorm(4, variance="x"),
+        ValueError,
+        "SwitchableNorm: expected variance in ('release', 'paper'), got 'x'",
+    ),
+    (
+        "sn-momentum",
+        lambda: normlab.SwitchableNorm(4, momentum=-0.1),
+        ValueError,
+        "SwitchableNorm: expected momentum in [0, 1] or None",
+    ),
+    (
+        "sn-sync-needs-bn",
+        lambda: normlab.SwitchableNorm(4, using_bn=False, sync=True),
+        ValueError,
+        "expected using_bn=True",
+    ),
+    (
+        "sn-wrong-channels",
+        lambda: normlab.SwitchableNorm(4)(torch.randn(2, 5, 3, 3)),
+        ValueError,
+        "expected 4 channels at dim 1, got 5",
+    ),
+    (
+        "ibn-ratio",
+        lambda: normlab.IBN(8, ratio=1.5),
+        ValueError,
+        "IBN: expected ratio in (0, 1), got 1.5",
+    ),
+    ("ibn-planes", lambda: normlab.IBN(1), ValueError, "expected between 1 and 0"),
+    ("ibn-eps", lambda: normlab.IBN(8, eps=0), ValueError, "IBN: expected eps a finite float > 0"),
+    (
+        "ibn-wrong-channels",
+        lambda: normlab.IBN(8)(torch.randn(2, 6, 3, 3)),
+        ValueError,
+        "expected 8 channels at dim 1, got 6",
+    ),
+    (
+        "ibnb-residual",
+        lambda: normlab.IBNb(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3)),
+        ValueError,
+        "expected a residual of shape (2, 4, 3, 3)",
+    ),
+    (
+        "frn-eps",
+        lambda: normlab.FilterResponseNorm(4, eps=-1.0),
+        ValueError,
+        "FilterResponseNorm: expected eps a finite float >= 0",
+    ),
+    (
+        "frn-wrong-channels",
+        lambda: normlab.FilterResponseNorm(4)(torch.randn(2, 3, 5, 5)),
+        ValueError,
+        "expected 4 channels at dim 1, got 3",
+    ),
+    (
+        "evonorm-b0-eps",
+        lambda: normlab.EvoNormB0(4, eps=0),
+        ValueError,
+        "EvoNormB0: expected eps a finite float > 0",
+    ),
+    (
+        "evonorm-b0-rank",
+        lambda: normlab.EvoNormB0(4)(torch.randn(2, 4)),
+        ValueError,
+        "expected input of at least 3 dims",
+    ),
+    (
+        "evonorm-s0-groups",
+        lambda: normlab.EvoNormS0(6, num_groups=4),
+        ValueError,
+        "EvoNormS0: expected num_groups a positive divisor of num_channels=6, got 4",
+    ),
+    (
+        "evonorm-s0-both",
+        lambda: normlab.EvoNormS0(8, num_groups=2, group_size=4),
+        ValueError,
+        "EvoNormS0: expected at most one of num_groups and group_size",
+    ),
+    (
+        "gn-groups",
+        lambda: normlab.GroupNorm(3, 10),
+        ValueError,
+        "GroupNorm: expected num_groups a positive divisor of num_channels=10, got 3",
+    ),
+    (
+        "normact-drop",
+        lambda: normlab.NormAct(torch.nn.BatchNorm2d(4), drop=1.0),
+        ValueError,
+        "NormAct: expected drop in [0, 1), got 1.0",
+    ),
+    (
+        "normact-norm",
+        lambda: normlab.NormAct("bn"),
+        TypeError,
+        "NormAct: expected norm an nn.Module, got str",
+    ),
+    (
+        "norm-act-act",
+        lambda: normlab.norm_act("bn", 4, act="tanhh"),
+        ValueError,
+        "NormAct: expected act one of",
+    ),
+    (
+        "frozenbn-eps",
+        lambda: normlab.FrozenBatchNorm(4, eps=-1),
+        ValueError,
+        "FrozenBatchNorm: expected eps >= 0",
+    ),
+    (
+        "syncbn-wrong-channels",
+        lambda: normlab.SyncBatchNorm(4)(torch.randn(2, 3, 5, 5)),
+        ValueError,
+        "expected 4 channels at dim 1, got 3",
+    ),
     ("registry-unknown", lambda: normlab.create_norm("gm", 8), ValueError, "did you mean 'gn'"),
     (
         "registry-bad-features",
@@ -198,6 +374,13 @@ def test_error(call, error, fragment):
     with pytest.raises(error) as info:
         call()
     assert fragment in str(info.value)
+
+
+def test_every_message_says_what_was_expected_and_what_came():
+    for _, call, error, _ in ERRORS:
+        with pytest.raises(error) as info:
+            call()
+        assert "expected" in str(info.value), str(info.value)
 
 
 def test_layer_errors_name_the_layer():

@@ -92,6 +92,8 @@ def _common_refusal(call: Call) -> str | None:
         return f"dtype {x.dtype} has no kernel"
     if call.stats_grad:
         return "statistics that need a gradient"
+    if x.numel() == 0:
+        return "an empty input (no sets, or empty sets)"
     if call.p.set_size <= 1:
         return "sets of one element"
     for t in (call.weight, call.bias):

@@ -21,8 +21,10 @@ from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
     check_eps_momentum,
+    check_groups,
     check_input,
     check_positive_int,
+    check_training_batch,
     describe,
 )
 from normlab.layers.running import add_missing_counter, empty_batch
@@ -170,11 +172,7 @@ class EvoNormB0(nn.Module):
         if x.numel() == 0:
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
-        if self.training and p.set_size * x.shape[0] == 1:
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        check_training_batch(self, x, p.set_size * x.shape[0], "value per channel")
         inst = from_stats(*batch_stats(x, p), p)
         if self.training:
             batch = inst.reduce("n")
@@ -242,26 +240,9 @@ class EvoNormS0(nn.Module):
         super().__init__()
         self.num_features = check_positive_int(num_features, "EvoNormS0")
         check_eps_momentum(eps, None, "EvoNormS0")
-        if num_groups is not None and group_size is not None:
-            raise ValueError(
-                f"EvoNormS0: expected at most one of num_groups and group_size, "
-                f"got num_groups={num_groups!r}, group_size={group_size!r}"
-            )
-        given, name = (
-            (group_size, "group_size") if group_size is not None else (num_groups, "num_groups")
+        self.num_groups = check_groups(
+            num_features, num_groups, group_size, "EvoNormS0", exactly_one=False
         )
-        given = 32 if given is None else given
-        if (
-            isinstance(given, bool)
-            or not isinstance(given, int)
-            or given < 1
-            or num_features % given
-        ):
-            raise ValueError(
-                f"EvoNormS0: expected {name} a positive divisor of num_features={num_features}, "
-                f"got {given!r}"
-            )
-        self.num_groups = given if name == "num_groups" else num_features // given
         self.eps = float(eps)
         self.channel_axis = check_channel_axis(channel_axis)
         _affine(self, num_features, {"device": device, "dtype": dtype}, "v")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from normlab.kernels.transforms import fx_leaf
-from normlab.layers.checks import channel_view, check_input, describe
+from normlab.layers.checks import channel_view, check_input, check_training_batch, describe
 from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, from_stats, stats_dtype
@@ -96,11 +96,7 @@ class BatchInstanceNorm(TrackedNorm):
         if x.numel() == 0:  # no statistics: count the batch, leave the buffers
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
-        if self.training and ip.set_size <= 1:
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 spatial element when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        check_training_batch(self, x, ip.set_size, "spatial element")
         use_batch, synced = self._uses_batch_stats(), synchronizing(self)
         tracked: list[Moments] = []  # the batch moments normalized with, for the buffers
 

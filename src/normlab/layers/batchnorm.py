@@ -18,6 +18,7 @@ from normlab.layers.checks import (
     check_channel_axis,
     check_eps_momentum,
     check_input,
+    check_positive_int,
     describe,
     drop_bias,
 )
@@ -156,12 +157,8 @@ class BatchNorm(_BatchNormForward, _BatchNorm):
                     f"sample, e.g. (C, H, W), got {num_features!r}"
                 )
             num_features = shape
-        elif (
-            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
-        ):
-            raise ValueError(
-                f"BatchNorm: expected num_features a positive int, got {num_features!r}"
-            )
+        else:
+            check_positive_int(num_features, "BatchNorm")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         drop_bias(self, bias)
         self._setup(channel_axis, per_activation)

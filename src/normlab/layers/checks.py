@@ -84,6 +84,34 @@ def check_choice(value: object, choices: tuple, who: str, name: str) -> object:
     return value
 
 
+def check_groups(
+    num_channels: int, num_groups: object, group_size: object, who: str, *, exactly_one: bool = True
+) -> int:
+    """The number of groups from `num_groups` or `group_size` (each a divisor of the
+    channel count); `exactly_one` requires one of them, else neither means 32 groups."""
+    check_positive_int(num_channels, who, "num_channels")
+    if (
+        num_groups is not None
+        and group_size is not None
+        or (exactly_one and num_groups is None and group_size is None)
+    ):
+        wanted = "exactly one" if exactly_one else "at most one"
+        raise ValueError(
+            f"{who}: expected {wanted} of num_groups and group_size, "
+            f"got num_groups={num_groups!r}, group_size={group_size!r}"
+        )
+    given, name = (
+        (group_size, "group_size") if group_size is not None else (num_groups, "num_groups")
+    )
+    given = 32 if given is None else given
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1 or num_channels % given:
+        raise ValueError(
+            f"{who}: expected {name} a positive divisor of num_channels={num_channels}, "
+            f"got {given!r}"
+        )
+    return given if name == "num_groups" else num_channels // given
+
+
 def check_channel_axis(channel_axis: object, allowed: tuple[int, ...] = (1, -1)) -> int:
     """`channel_axis` must be one of `allowed` (1 for channels-first, -1 for channels-last)."""
     if isinstance(channel_axis, bool) or channel_axis not in allowed:
@@ -116,6 +144,16 @@ def check_input(
             f"got {x.shape[axis]} (input shape {tuple(x.shape)})"
         )
     return axis
+
+
+def check_training_batch(module: nn.Module, x: torch.Tensor, values: int, what: str) -> None:
+    """In training, a set of exactly one value has no variance to normalize by (torch's
+    rule: one value per channel is an error; an empty batch is not, see ``empty_batch``)."""
+    if module.training and values == 1:
+        raise ValueError(
+            f"{describe(module)}: expected more than 1 {what} when training, "
+            f"got input of shape {tuple(x.shape)}"
+        )
 
 
 def channel_view(param: torch.Tensor | None, ndim: int, channel_axis: int) -> torch.Tensor | None:

@@ -10,26 +10,20 @@ import torch
 from torch import nn
 
 from normlab.kernels.transforms import fx_leaf
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_groups,
+    check_input,
+    drop_bias,
+)
 from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 
 
 def resolve_groups(num_groups: int | None, num_channels: int, group_size: int | None) -> int:
     """The number of groups from exactly one of `num_groups` and `group_size`."""
-    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-        raise ValueError(f"GroupNorm: expected num_channels a positive int, got {num_channels!r}")
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            f"GroupNorm: expected exactly one of num_groups and group_size, "
-            f"got num_groups={num_groups!r}, group_size={group_size!r}"
-        )
-    given, name = (num_groups, "num_groups") if group_size is None else (group_size, "group_size")
-    if isinstance(given, bool) or not isinstance(given, int) or given < 1 or num_channels % given:
-        raise ValueError(
-            f"GroupNorm: expected {name} a positive divisor of num_channels={num_channels}, got {given!r}"
-        )
-    return given if group_size is None else num_channels // group_size
+    return check_groups(num_channels, num_groups, group_size, "GroupNorm")
 
 
 class GroupNorm(nn.GroupNorm):

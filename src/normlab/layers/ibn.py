@@ -28,6 +28,7 @@ from normlab.layers.checks import (
     check_eps_momentum,
     check_input,
     check_positive_int,
+    check_unit_interval,
     describe,
 )
 from normlab.layers.instancenorm import InstanceNorm
@@ -40,8 +41,7 @@ from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync, synchroniz
 def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
     """Channels for (instance norm, batch norm): ``int(planes·ratio)`` and the rest."""
     planes = check_positive_int(planes, "IBN", "planes")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise ValueError(f"IBN: expected ratio in (0, 1), got {ratio!r}")
+    check_unit_interval(ratio, "IBN", "ratio")
     half = int(planes * ratio)
     if not 0 < half < planes:
         raise ValueError(

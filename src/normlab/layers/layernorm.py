@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from normlab.kernels.transforms import fx_leaf
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_input,
+    check_positive_int,
+    describe,
+)
 from normlab.moments import stats_dtype
 from normlab.normalize import normalize_plan
 from normlab.pattern import plan
@@ -108,10 +114,7 @@ class LayerNorm2d(LayerNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(
-                f"LayerNorm2d: expected num_channels a positive int, got {num_channels!r}"
-            )
+        check_positive_int(num_channels, "LayerNorm2d", "num_channels")
         super().__init__(
             num_channels, eps, affine, affine, device, dtype, channel_axis=channel_axis
         )

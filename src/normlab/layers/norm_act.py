@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from normlab.layers.checks import check_unit_interval
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "relu6": nn.ReLU6,
@@ -86,8 +88,7 @@ class NormAct(nn.Module):
         super().__init__()
         if not isinstance(norm, nn.Module):
             raise TypeError(f"NormAct: expected norm an nn.Module, got {type(norm).__name__}")
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1:
-            raise ValueError(f"NormAct: expected drop in [0, 1), got {drop!r}")
+        check_unit_interval(drop, "NormAct", "drop", closed="left")
         self.norm = norm
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.act = make_activation(act)

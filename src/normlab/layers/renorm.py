@@ -27,7 +27,13 @@ import torch
 
 from normlab.kernels.transforms import fx_leaf, traced
 from normlab.layers.batchnorm import BatchNorm
-from normlab.layers.checks import channel_view, check_eps_momentum, check_input, describe
+from normlab.layers.checks import (
+    channel_view,
+    check_eps_momentum,
+    check_input,
+    check_training_batch,
+    describe,
+)
 from normlab.layers.running import empty_batch
 from normlab.moments import batch_stats, from_stats
 from normlab.normalize import normalize_with
@@ -161,12 +167,8 @@ class BatchRenorm(BatchNorm):
         elif x.numel() == 0:
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
-        elif p.set_size == 1:
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
         else:
+            check_training_batch(self, x, p.set_size, "value per channel")
             batch = from_stats(*batch_stats(x, p), p)
         rmax, dmax = self.limits()
         with torch.no_grad():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from normlab.kernels.transforms import traced
-from normlab.layers.checks import describe
+from normlab.layers.checks import check_training_batch
 from normlab.moments import Moments
 from normlab.normalize import normalize_batch, normalize_with
 from normlab.pattern import Plan
@@ -85,11 +85,7 @@ class RunningStatsMixin:
             )
         if x.numel() == 0:
             return empty_batch(self, x, weight, bias)
-        if self.training and batch_plan.set_size == 1:
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 {self._one_value} when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        check_training_batch(self, x, batch_plan.set_size, self._one_value)
         tracking = self.training and self.track_running_stats
         running = None
         fused = to_running is batch_to_running and batch_plan is running_plan

@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 from normlab.kernels.transforms import fx_leaf
-from normlab.layers.checks import channel_view, check_input, describe
+from normlab.layers.checks import (
+    channel_view,
+    check_choice,
+    check_input,
+    check_training_batch,
+    describe,
+)
 from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, batch_stats, from_stats, stats_dtype
@@ -74,8 +80,7 @@ class SwitchableNorm(TrackedNorm):
         sync: bool = False,
         process_group: object = None,
     ) -> None:
-        if variance not in VARIANCES:
-            raise ValueError(f"SwitchableNorm: expected variance in {VARIANCES}, got {variance!r}")
+        check_choice(variance, VARIANCES, "SwitchableNorm", "variance")
         if sync is True and not using_bn:
             raise ValueError(
                 "SwitchableNorm: sync=True synchronizes the BN term; expected using_bn=True, "
@@ -138,11 +143,7 @@ class SwitchableNorm(TrackedNorm):
         if x.numel() == 0:  # no statistics: count the batch, leave the buffers
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
-        if self.training and p.set_size <= 1:
-            raise ValueError(
-                f"{describe(self)}: expected more than 1 spatial element when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        check_training_batch(self, x, p.set_size, "spatial element")
         synced = synchronizing(self)
         tracked: list[Moments] = []  # the batch moments normalized with, for the buffers
 
