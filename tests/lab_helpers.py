@@ -58,8 +58,10 @@ def wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 def normlab_process(args: list[str], cwd: str | os.PathLike | None = None) -> subprocess.Popen:
-    """`python -m normlab ARGS` in a child process (one thread per run, output captured)."""
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    """`python -m normlab ARGS` in a child process, with torch's default thread count (each
+    run sets its own), output captured."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = SRC
     return subprocess.Popen(
         [sys.executable, "-m", "normlab", *args],
         cwd=cwd,

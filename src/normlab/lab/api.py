@@ -37,10 +37,11 @@ from normlab.lab.sweep import (
     EXPERIMENTS,
     Workload,
     plan_runs,
+    preload,
     run_sweep,
     sweep_lock,
 )
-from normlab.lab.train import RunConfig, world
+from normlab.lab.train import RunConfig, num_threads, world
 
 DEFAULT_NORMS = ("bn", "gn", "in", "ln", "ibn")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 32)
@@ -182,10 +183,15 @@ def prepare(
         num_classes,
         function=data_function,
     )
-    loaded = spec.load()
     user_model = model_function or (None if model_label in MODELS else resolved)
-    for norm in norms if user_model is not None else norms[:1]:
-        check_model(model_label, norm, loaded, width=width, depth=depth, function=model_function)
+    # One thread: this process forks the sweep's workers later, and a process that has
+    # started a thread team (OpenMP) must not fork workers that use one.
+    with num_threads(1):
+        loaded = spec.load()
+        for norm in norms if user_model is not None else norms[:1]:
+            check_model(
+                model_label, norm, loaded, width=width, depth=depth, function=model_function
+            )
     source = fingerprint(user_model, data_source)
     threads = cpus_per_run
     configs = plan_runs(
@@ -262,6 +268,7 @@ def execute(
     rank, _ = world()
     lock = sweep_lock(out) if rank == 0 else _no_lock(out)
     with lock:
+        preload(sweep.workload.data, sweep.data)
         records, executed = run_sweep(
             sweep.configs,
             out,

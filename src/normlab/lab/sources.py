@@ -412,10 +412,6 @@ def check_model(
         raise SourceError(str(error)) from error
     x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
     net.eval()
-    threads = torch.get_num_threads()
-    # One thread: a parent that has started thread pools (OpenMP, the kernels' pool) must
-    # not fork the sweep's workers afterwards.
-    torch.set_num_threads(1)
     try:
         with torch.no_grad():
             out = net(x)
@@ -424,8 +420,6 @@ def check_model(
             f"model: {model} failed on images of shape {tuple(x.shape)} "
             f"({type(error).__name__}: {error})"
         ) from error
-    finally:
-        torch.set_num_threads(threads)
     expected = (len(x), data.num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

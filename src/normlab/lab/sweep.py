@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from normlab.lab.sources import DataSpec, LoadedData
@@ -209,7 +210,9 @@ def guarded_run(config: RunConfig, workload: Workload, device: str) -> dict:
 
 def exit_with_parent(parent: int) -> None:
     """Make this (worker) process exit when `parent` dies: the kernel's parent-death signal
-    on Linux, and a thread that polls the parent id everywhere."""
+    on Linux, and a thread that polls the parent id everywhere. The worker starts with one
+    intra-op thread (each run sets its own count)."""
+    torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -247,6 +250,12 @@ def outcome(record: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the sweep
+
+
+def preload(data: DataSpec, loaded: LoadedData) -> None:
+    """Hand data already loaded here to the runs (and the workers forked from here)."""
+    _DATA_CACHE.clear()
+    _DATA_CACHE[(data, id(data.function))] = loaded
 
 
 def run_sweep(

@@ -191,7 +191,8 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def num_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` intra-op threads, then restore the caller's setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -230,7 +231,7 @@ def train_run(
         )
     if config.threads < 1:
         raise ValueError(f"threads: expected a positive number, got {config.threads}")
-    with _threads(config.threads), deterministic(config.seed, device):
+    with num_threads(config.threads), deterministic(config.seed, device):
         return _train(config, data, device, progress, model_function, workers)
 
 
