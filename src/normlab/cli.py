@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import zipfile
 from collections.abc import Sequence
 
 from normlab.errors import PatternError
@@ -41,14 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the user's input can raise: bad values, unreadable or unwritable files (OSError
+# covers permissions, missing files and Pillow's UnidentifiedImageError), truncated
+# archives (BadZipFile, EOFError).
+USER_ERRORS = (PatternError, ValueError, TypeError, OSError, zipfile.BadZipFile, EOFError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (bad input: one line on stderr, status 2)."""
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args.module).run(args) or 0)
-    except (PatternError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"normlab {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"normlab {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"normlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

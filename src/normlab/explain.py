@@ -296,7 +296,7 @@ def parse_input(args: argparse.Namespace) -> tuple[str | None, tuple[int, ...], 
                     raise ValueError(f"expected NAME=INT such as g=32, got '{term}'")
                 sizes[name] = int(value)
             elif where == "shape":
-                shape_parts += [s for s in re.split(r"[,\s]+", term.strip()) if s]
+                shape_parts += re.split(r"\s*,\s*|\s+", term.strip())
             else:
                 raise ValueError(
                     f"expected a pattern such as 'n c h w -> c' or NAME=SIZE, got '{term}'"

@@ -3,11 +3,17 @@
 The default compares batch, group, instance, layer and IBN norm on the embedded digits
 (16x16, a 5-conv CNN, batch sizes 1 to 32, 2 seeds; a few minutes on 2 CPU cores):
 error vs batch size, accuracy under appearance shifts, training curves. Results go to
-DIR (results.json, results.csv, summary.md, PNG figures, and one JSON per finished run,
+DIR (results.json, results.csv, summary.md, report.html, PNG figures, and one JSON per finished run,
 so an interrupted sweep resumes where it stopped).
+
+Every argument, the model and the data are checked before any training starts (a bad
+one: a one-line message and exit status 2). `--model MODULE:FUNCTION` and
+`--data MODULE:FUNCTION` bring the user's own network and data set; `--executor ray`
+sends the runs to Ray workers. See `normlab.lab.compare` for the same from Python.
 
 Example:
     $ normlab compare --norms bn gn --batch-sizes 2 32 --epochs 2 --out out
+    $ normlab compare --model my_models:resnet_small --norms bn gn --out out
     $ torchrun --nproc-per-node 2 -m normlab compare --norms bn syncbn --batch-sizes 8
 """
 
@@ -21,13 +27,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from normlab.lab.api import DEFAULT_BATCH_SIZES, DEFAULT_NORMS, execute, prepare
 from normlab.lab.models import MODELS
-from normlab.lab.report import batch_size_table, failed_lines, shift_table, write_outputs
-from normlab.lab.sweep import EXPERIMENTS, DataSpec, plan_runs, reference_batch, run_sweep
+from normlab.lab.report import batch_size_table, failed_lines, shift_table
+from normlab.lab.sweep import EXECUTORS, EXPERIMENTS, reference_batch
 from normlab.lab.train import world
 
-DEFAULT_NORMS = ["bn", "gn", "in", "ln", "ibn"]
-DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 32]
 DEFAULT_EPOCHS = 3
 DEFAULT_SEEDS = 2
 
@@ -37,16 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--norms",
         nargs="+",
-        default=DEFAULT_NORMS,
+        default=list(DEFAULT_NORMS),
         metavar="NAME",
-        help="registry names, e.g. bn gn in ln ln2d rms ibn bin none, or syncbn "
-        f"(default: {' '.join(DEFAULT_NORMS)})",
+        help="registry names, e.g. bn gn in ln ln2d rms ibn bin none, or syncbn, ibn-a, "
+        f"ibn-b (default: {' '.join(DEFAULT_NORMS)})",
     )
     parser.add_argument(
         "--batch-sizes",
         nargs="+",
         type=int,
-        default=DEFAULT_BATCH_SIZES,
+        default=list(DEFAULT_BATCH_SIZES),
         metavar="B",
         help=f"global batch sizes (default: {' '.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
@@ -61,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=EXPERIMENTS,
         default=list(EXPERIMENTS),
-        help="which experiments (default: all three)",
+        help="which experiments (default: all)",
     )
     parser.add_argument(
         "--seeds",
@@ -72,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="digits",
-        help="digits (embedded, default), cifar10, a CIFAR-10 .tar.gz, a .npz, "
-        "a folder of MNIST idx files, or a folder of class sub-folders",
+        help="digits (embedded, default), cifar10, a CIFAR-10 .tar.gz, a .npz, a folder of "
+        "MNIST idx files, a folder of class sub-folders, or MODULE:FUNCTION returning "
+        "(train, test) Datasets of (image tensor, label)",
     )
     parser.add_argument(
         "--limit", type=int, default=None, help="use at most this many train (and test) images"
@@ -83,9 +89,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        choices=MODELS,
         default="cnn",
-        help="cnn (default), resnet, or rnn (reads images row by row)",
+        help=f"{', '.join(MODELS)} (built in; default cnn), or MODULE:FUNCTION returning an "
+        "nn.Module (the current directory is importable)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of a MODULE:FUNCTION data set (default: its `classes`, else its labels)",
     )
     parser.add_argument(
         "--width",
@@ -111,7 +123,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jobs",
         type=int,
         default=None,
-        help="parallel runs on CPU (default: the number of CPU cores)",
+        help="parallel runs with the process pool (default: CPU cores / --cpus-per-run)",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="process",
+        help="process: a local process pool (default); ray: Ray tasks (pip install normlab[ray])",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: the cluster's address (default: start a local Ray instance)",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int,
+        default=1,
+        help="threads of each run (part of its configuration) and CPUs Ray reserves (default 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-run",
+        type=float,
+        default=0,
+        help="GPUs Ray reserves for each run (default 0)",
+    )
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes per run (default 0; no effect on the numbers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -127,61 +168,74 @@ def _init_distributed(device: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan the runs, run what is not finished, write the outputs, print the summary."""
+    """Check every argument, run what is not finished, write the outputs, print the summary.
+
+    Exit status: 0 when every run ended (trained or recorded as failed), 1 when some
+    crashed (they are run again on the next call with the same --out).
+    """
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: expected a CUDA GPU for --device cuda, found none")
     started = _init_distributed(args.device)
     try:
         rank, world_size = world()
         device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
-        configs = plan_runs(
-            args.norms,
-            args.batch_sizes,
-            args.experiment,
-            seeds=args.seeds,
-            epochs=args.epochs,
+        sweep = prepare(
             model=args.model,
             data=args.data,
+            norms=args.norms,
+            batch_sizes=args.batch_sizes,
+            experiments=args.experiment,
+            epochs=args.epochs,
+            seeds=args.seeds,
             limit=args.limit,
             width=args.width,
             depth=args.depth,
-            base_lr=args.lr,
+            lr=args.lr,
+            num_classes=args.num_classes,
+            cache_dir=args.cache_dir,
+            jobs=args.jobs,
+            executor=args.executor,
+            address=args.address,
+            cpus_per_run=args.cpus_per_run,
+            gpus_per_run=args.gpus_per_run,
+            data_workers=args.data_workers,
             world_size=world_size,
         )
-        jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
         if rank == 0:
             print(
-                f"normlab compare: {len(configs)} runs ({', '.join(args.experiment)}) "
-                f"on {args.data}, model {args.model}, {world_size} process(es) -> {args.out}",
+                f"normlab compare: {len(sweep.configs)} runs ({', '.join(args.experiment)}) "
+                f"on {sweep.data_label}, model {sweep.model_label}, {world_size} process(es), "
+                f"executor {args.executor} -> {args.out}",
                 file=sys.stderr,
             )
         start = time.perf_counter()
-        data = DataSpec(args.data, args.limit, args.cache_dir)
-        records, executed = run_sweep(
-            configs, args.out, data, device=device, jobs=jobs, progress=not args.no_progress
-        )
+        outcome = execute(sweep, args.out, device=device, progress=not args.no_progress)
         if rank != 0:
             return 0
-        failed = [r for r in records if "failed" in r]
-        # tables list the norms in the order asked for, even when a norm's first run failed
-        records = sorted(
-            (r for r in records if "failed" not in r), key=lambda r: args.norms.index(r["norm"])
-        )
+        if outcome.failed:
+            print(
+                "runs that could not train:\n" + "\n".join(failed_lines(outcome.failed)),
+                file=sys.stderr,
+            )
+        if outcome.crashed:
+            print(
+                "runs that crashed (run again on the next call with this --out):\n"
+                + "\n".join(
+                    f"- {r['norm']} at batch {r['batch_size']} seed {r['seed']}: {r['crashed']}"
+                    for r in outcome.crashed
+                ),
+                file=sys.stderr,
+            )
+        records = outcome.finished
         if not records:
-            raise ValueError(f"every run failed; the first: {failed[0]['failed']}")
-        paths = write_outputs(
-            records,
-            args.out,
-            args.experiment,
-            header=f"{args.data}, {args.model}, {args.epochs} epochs",
-            failed=failed,
-        )
-        if failed:
-            print("runs that could not train:\n" + "\n".join(failed_lines(failed)), file=sys.stderr)
+            if outcome.crashed:
+                return 1
+            raise ValueError(f"every run failed; the first: {outcome.failed[0]['failed']}")
+        records = sorted(records, key=lambda r: args.norms.index(r["norm"]))
         elapsed = time.perf_counter() - start
         print(
-            f"{executed} run(s) executed, {len(configs) - executed} already finished; "
-            f"{elapsed:.0f} s",
+            f"{outcome.executed} run(s) executed, {len(sweep.configs) - outcome.executed} "
+            f"already finished; {elapsed:.0f} s",
             file=sys.stderr,
         )
         if "batch-size" in args.experiment:
@@ -189,10 +243,12 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(batch_size_table(records)))
         if "shift" in args.experiment:
             ref = reference_batch(args.batch_sizes)
-            print(f"\nTest accuracy (%) under appearance shifts (batch {ref})")
-            print("\n".join(shift_table([r for r in records if r["batch_size"] == ref])))
-        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-        return 0
+            at_ref = [r for r in records if r["batch_size"] == ref and r["shifted"]]
+            if at_ref:
+                print(f"\nTest accuracy (%) under appearance shifts (batch {ref})")
+                print("\n".join(shift_table(at_ref)))
+        print("\nwrote " + ", ".join(str(p) for p in outcome.paths.values()))
+        return 1 if outcome.crashed else 0
     finally:
         if started:
             dist.destroy_process_group()

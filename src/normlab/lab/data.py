@@ -21,6 +21,8 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,13 +285,27 @@ def load_image_folder(
     ]
     if not files:
         raise ValueError(f"image folder: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    opened = [Image.open(f) for f, _ in files]
-    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in opened) else "RGB"
+    # One image open at a time (a folder may hold more files than the open-file limit):
+    # grey ones are kept grey until a colour one shows up, then all become RGB (L -> RGB
+    # repeats the grey value, the same as converting the file).
     arrays = []
-    for (path, _), im in zip(files, opened, strict=True):
-        arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
-        im.close()
-        if arrays[-1].shape != arrays[0].shape:
+    colour = False
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                grey = im.mode in ("L", "1", "I;16", "I")
+                array = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as error:  # truncated, not an image
+            raise ValueError(
+                f"image folder: cannot read {path} as an image ({type(error).__name__}: {error})"
+            ) from error
+        if not grey and not colour:
+            colour = True
+            arrays = [np.repeat(a[..., None], 3, axis=-1) for a in arrays]
+        if colour and array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        arrays.append(array)
+        if arrays[-1].shape[:2] != arrays[0].shape[:2]:
             raise ValueError(
                 f"image folder: expected every image to be {arrays[0].shape[1]}x"
                 f"{arrays[0].shape[0]} like {files[0][0].name}, got {path.name} of "
@@ -306,19 +322,25 @@ def load_npz(path: str | os.PathLike, seed: int = 0, test_fraction: float = 0.2)
     if not path.exists():
         raise FileNotFoundError(f"npz: no file {path}")
     try:
-        arrays = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+        with np.load(path, allow_pickle=False) as arrays:
+            keys = set(arrays.files)
+            for xk, yk in (("x", "y"), ("images", "labels")):
+                if {xk, yk} <= keys:
+                    x_raw, y_raw = arrays[xk], arrays[yk]
+                    break
+            else:
+                raise ValueError(
+                    f"npz: expected keys x and y (or images and labels) in {path}, "
+                    f"got {sorted(keys)}"
+                )
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # truncated, corrupt
+        raise ValueError(
+            f"npz: cannot read {path} as a .npz file ({type(error).__name__}: {error})"
+        ) from error
+    except ValueError as error:
+        if str(error).startswith("npz:"):
+            raise
         raise ValueError(f"npz: cannot read {path} as a .npz file ({error})") from error
-    with arrays:
-        keys = set(arrays.files)
-        for xk, yk in (("x", "y"), ("images", "labels")):
-            if {xk, yk} <= keys:
-                x_raw, y_raw = arrays[xk], arrays[yk]
-                break
-        else:
-            raise ValueError(
-                f"npz: expected keys x and y (or images and labels) in {path}, got {sorted(keys)}"
-            )
     x = _as_images(x_raw, f"npz {path.name}")
     _check_nonempty(x, f"npz {path.name}")
     y = _as_labels(y_raw, len(x), f"npz {path.name}")

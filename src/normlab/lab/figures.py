@@ -1,5 +1,6 @@
 """The sweep's figures (matplotlib, Agg backend): error vs batch size, accuracy under
-shifts, training curves. Error bars and bands are ± one standard deviation over seeds.
+shifts, training curves. Error bars and bands are ± one standard deviation over seeds;
+`label` (the model and data) is printed under each title.
 
 Example:
     >>> batch_size_figure(records, Path("out/batch-size.png"))  # doctest: +SKIP
@@ -37,7 +38,11 @@ def _seeds_note(records: list[dict]) -> str:
     return f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
 
 
-def batch_size_figure(records: list[dict], path: Path) -> Path:
+def _titled(title: str, label: str) -> str:
+    return f"{title}\n{label}" if label else title
+
+
+def batch_size_figure(records: list[dict], path: Path, label: str = "") -> Path:
     """Test error (%) vs batch size (log2 axis), one line per norm."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
@@ -62,7 +67,7 @@ def batch_size_figure(records: list[dict], path: Path) -> Path:
         ax.set_yscale("log")  # a failing norm would otherwise flatten every other line
     ax.set_xlabel("batch size (images per step, log scale)")
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"Test error vs batch size ({_seeds_note(records)})")
+    ax.set_title(_titled(f"Test error vs batch size ({_seeds_note(records)})", label))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="norm")
     fig.savefig(path, dpi=120)
@@ -70,7 +75,7 @@ def batch_size_figure(records: list[dict], path: Path) -> Path:
     return path
 
 
-def shift_figure(records: list[dict], path: Path) -> Path:
+def shift_figure(records: list[dict], path: Path, label: str = "") -> Path:
     """Grouped bars: test accuracy (%) clean and under each shift, one bar per norm."""
     plt = _pyplot()
     norms = _norms(records)
@@ -94,8 +99,11 @@ def shift_figure(records: list[dict], path: Path) -> Path:
     ax.set_xlabel("test-time appearance shift (never seen in training)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
-        f"Accuracy under appearance shifts, batch {records[0]['batch_size']} "
-        f"({_seeds_note(records)})"
+        _titled(
+            f"Accuracy under appearance shifts, batch {records[0]['batch_size']} "
+            f"({_seeds_note(records)})",
+            label,
+        )
     )
     ax.legend(title="norm", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=120)
@@ -103,7 +111,7 @@ def shift_figure(records: list[dict], path: Path) -> Path:
     return path
 
 
-def curves_figure(records: list[dict], path: Path) -> Path:
+def curves_figure(records: list[dict], path: Path, label: str = "") -> Path:
     """Training loss and test accuracy per epoch, mean over seeds with a ± std band."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0), constrained_layout=True)
@@ -133,7 +141,11 @@ def curves_figure(records: list[dict], path: Path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
         ax.legend(title="norm")
-    fig.suptitle(f"Training curves, batch {records[0]['batch_size']} ({_seeds_note(records)})")
+    fig.suptitle(
+        _titled(
+            f"Training curves, batch {records[0]['batch_size']} ({_seeds_note(records)})", label
+        )
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

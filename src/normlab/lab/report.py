@@ -1,4 +1,5 @@
-"""What a sweep leaves in its folder: results.json, results.csv, summary.md and figures.
+"""What a sweep leaves in its folder: results.json, results.csv, summary.md, report.html
+(the same content as one self-contained page, figures embedded) and the figures.
 
 Numbers over seeds are given as mean ± standard deviation (sample std, n − 1). A
 difference between two norms counts as resolved only when it exceeds the sum of their
@@ -10,8 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -179,11 +183,77 @@ def write_csv(records: list[dict], path: Path) -> None:
 
 
 def failed_lines(failed: list[dict]) -> list[str]:
-    """One line per (norm, batch size) that could not train, with the reason."""
+    """One line per (norm, batch size) that could not train (or crashed), with the reason."""
     seen: dict[tuple[str, int], dict] = {}
     for r in failed:
         seen.setdefault((r["norm"], r["batch_size"]), r)
-    return [f"- {norm} at batch {b}: {r['failed']}" for (norm, b), r in seen.items()]
+    return [
+        f"- {norm} at batch {b}: "
+        + (r["failed"] if "failed" in r else f"crashed ({r['crashed']}); run again on resume")
+        for (norm, b), r in seen.items()
+    ]
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def markdown_to_html(markdown: str, folder: Path, title: str = "normlab compare") -> str:
+    """The summary's Markdown (headings, paragraphs, lists, tables, images) as one
+    self-contained HTML page: every image is embedded as a base64 PNG."""
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, rest = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+            body.append("<table>")
+            body.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            for row in rest:
+                body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>")
+            body.append("</table>")
+            continue
+        image = re.fullmatch(r"!\[(.*?)\]\((.+?)\)", line.strip())
+        if image:
+            path = folder / image.group(2)
+            if path.exists():
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                body.append(
+                    f'<figure><img alt="{html.escape(image.group(1))}" '
+                    f'src="data:image/png;base64,{data}"></figure>'
+                )
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{style}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def write_outputs(
@@ -192,11 +262,14 @@ def write_outputs(
     experiments: list[str],
     header: str = "",
     failed: list[dict] | None = None,
+    label: str = "",
 ) -> dict[str, Path]:
-    """Write results.json, results.csv, summary.md and the figures; return their paths.
+    """Write results.json, results.csv, summary.md, report.html and the figures; return
+    their paths.
 
-    `records` are finished runs; `failed` runs (a "failed" message, no accuracy) are
-    listed in summary.md only.
+    `records` are finished runs; `failed` runs (a "failed" or "crashed" message, no
+    accuracy) are listed in the summary only. `label` names the model and data on the
+    figures.
     """
     from normlab.lab import figures
 
@@ -206,6 +279,7 @@ def write_outputs(
         "json": out / "results.json",
         "csv": out / "results.csv",
         "summary": out / "summary.md",
+        "html": out / "report.html",
     }
     paths["json"].write_text(json.dumps(records, indent=1))
     write_csv(records, paths["csv"])
@@ -221,7 +295,7 @@ def write_outputs(
         "",
     ]
     if "batch-size" in experiments:
-        paths["batch_size_png"] = figures.batch_size_figure(records, out / "batch-size.png")
+        paths["batch_size_png"] = figures.batch_size_figure(records, out / "batch-size.png", label)
         text += [
             "## Test error (%) vs batch size",
             "",
@@ -235,21 +309,25 @@ def write_outputs(
             "![error vs batch size](batch-size.png)",
             "",
         ]
-    if "shift" in experiments:
-        paths["shift_png"] = figures.shift_figure(at_ref, out / "shift.png")
+    shifted = [r for r in at_ref if r["shifted"]]
+    if "shift" in experiments and not shifted:
+        reason = next((r["shifts_skipped"] for r in at_ref if "shifts_skipped" in r), "")
+        text += [f"## Appearance shifts (batch {ref})", "", f"Skipped: {reason}.", ""]
+    elif "shift" in experiments:
+        paths["shift_png"] = figures.shift_figure(shifted, out / "shift.png", label)
         text += [
             f"## Test accuracy (%) under appearance shifts (batch {ref})",
             "",
             "Shifts are applied to test images only; training never sees them. "
             "≈: within the seed spread of batch norm.",
             "",
-            *shift_table(at_ref),
+            *shift_table(shifted),
             "",
             "![accuracy under shifts](shift.png)",
             "",
         ]
     if "curves" in experiments:
-        paths["curves_png"] = figures.curves_figure(at_ref, out / "curves.png")
+        paths["curves_png"] = figures.curves_figure(at_ref, out / "curves.png", label)
         text += [
             f"## Training curves (batch {ref})",
             "",
@@ -262,5 +340,7 @@ def write_outputs(
         text += ["## Runs that could not train", "", *failed_lines(failed), ""]
     wall = sum(r["wall_time"] for r in records)
     text += [f"Total training time of these runs: {wall:.0f} s (summed over runs)."]
-    paths["summary"].write_text("\n".join(text) + "\n")
+    summary = "\n".join(text) + "\n"
+    paths["summary"].write_text(summary)
+    paths["html"].write_text(markdown_to_html(summary, out, f"normlab compare: {header}"))
     return paths
