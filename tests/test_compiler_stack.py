@@ -282,6 +282,31 @@ def test_compile_takes_the_reference_path():
     assert not normlab.explain_dispatch(x, "n c h w -> c").startswith("reference")
 
 
+_SEEN: list[str] = []
+
+
+class _Spy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _SEEN.append(transform(x))
+        return x * 2
+
+
+def test_transform_names_each_transform():
+    spy, x = _Spy(), torch.randn(2, 3)
+    _SEEN.clear()
+    spy(x)
+    torch.func.vmap(spy)(x)
+    torch.func.grad(lambda t: spy(t).sum())(x)
+    torch.jit.trace(spy, x, check_trace=False)
+    assert _SEEN == ["eager", "func", "func", "jit"]
+    _SEEN.clear()
+    torch.export.export(spy, (x,))
+    assert _SEEN and set(_SEEN) == {"export"}
+    _SEEN.clear()
+    torch.fx.symbolic_trace(spy)
+    assert _SEEN == ["fx"]
+
+
 def test_inductor_train_matches_eager():
     """Inductor itself (a representative case): fused code, same numbers."""
     torch._dynamo.reset()
