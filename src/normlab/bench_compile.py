@@ -5,9 +5,9 @@ Three tables, every figure a ratio from one run (medians of interleaved repetiti
 1. conv → norm → ReLU blocks (8×32×32×32, float32), forward and forward+backward,
    normlab compiled / torch.nn compiled (the releases' compositions compiled, for the
    hybrids ``ibn``, ``bin``, ``sn``);
-2. the bench table's norms alone, both compiled;
-3. the eager per-call cost on a small input (2×16×8×8): normlab / torch.nn, and the
-   microseconds of each (fixed cost, where the arithmetic is negligible).
+2. the eager per-call cost on a small input (2×16×8×8): normlab / torch.nn, and the
+   microseconds of each (fixed cost, where the arithmetic is negligible);
+3. the bench table's norms alone (float32, NCHW), both compiled.
 
 Example:
     $ normlab bench --compile --quick --threads 2 --format md
@@ -124,45 +124,38 @@ def run_compiled(quick: bool, wanted: list[str], repeats: int, md: bool) -> int:
 
     kinds = [k for k in KINDS if not wanted or any(w == k for w in wanted)] or list(KINDS)
 
-    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    def header(title: str, names: list[str]) -> None:
         print(f"\n## {title}\n")
         if md:
-            print("| " + " | ".join(header) + " |")
-            print("|" + "---|" * len(header))
-        for r in rows:
-            print(("| " + " | ".join(r) + " |") if md else "  ".join(f"{c:<28}" for c in r))
+            print("| " + " | ".join(names) + " |")
+            print("|" + "---|" * len(names))
+
+    def line(cells: list[str]) -> None:
+        text = ("| " + " | ".join(cells) + " |") if md else "  ".join(f"{c:<28}" for c in cells)
+        print(text, flush=True)
 
     print(f"# normlab bench --compile: {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {repeats}; ratios of time, lower is better")  # fmt: skip
-    rows = []
-    for kind in kinds:
-        r = compiled_ratios(kind, BLOCK_SHAPE, True, repeats)
-        rows.append([kind, f"{r['fwd']:.2f}", f"{r['fb']:.2f}", f"{r['torch_fb_ms']:.2f}"])
-        torch._dynamo.reset()
-    table(
+    header(
         "conv → norm → ReLU, 8×32×32×32 fp32, compiled",
         ["norm", "fwd nl/torch", "fb nl/torch", "torch fb ms"],
-        rows,
     )
-    rows = []
-    chosen = [c for c in cases(quick) if c.dtype == "fp32" and not c.channels_last]
-    chosen = [
-        c for c in chosen if c.kind in kinds and (not wanted or any(matches(c, w) for w in wanted))
-    ]
-    for case in chosen:
-        r = compiled_ratios(case.kind, case.shape, False, repeats)
-        rows.append([case.name, f"{r['fwd']:.2f}", f"{r['fb']:.2f}"])
+    for kind in kinds:
+        r = compiled_ratios(kind, BLOCK_SHAPE, True, repeats)
+        line([kind, f"{r['fwd']:.2f}", f"{r['fb']:.2f}", f"{r['torch_fb_ms']:.2f}"])
         torch._dynamo.reset()
-    table("the norms alone, compiled", ["case", "fwd nl/torch", "fb nl/torch"], rows)
-    rows = []
+    header(
+        "eager per-call cost, 2×16×8×8 fp32 forward", ["norm", "nl/torch", "normlab µs", "torch µs"]
+    )
     for kind in kinds:
         r = eager_call_cost(kind, repeats)
-        rows.append(
-            [kind, f"{r['normlab'] / r['torch']:.2f}", f"{r['normlab']:.0f}", f"{r['torch']:.0f}"]
-        )
-    table(
-        "eager per-call cost, 2×16×8×8 fp32 forward",
-        ["norm", "nl/torch", "normlab µs", "torch µs"],
-        rows,
-    )
+        ratio = r["normlab"] / r["torch"]
+        line([kind, f"{ratio:.2f}", f"{r['normlab']:.0f}", f"{r['torch']:.0f}"])
+    header("the norms alone, compiled", ["case", "fwd nl/torch", "fb nl/torch"])
+    chosen = [c for c in cases(quick) if c.dtype == "fp32" and not c.channels_last]
+    for case in chosen:
+        if case.kind in kinds and (not wanted or any(matches(case, w) for w in wanted)):
+            r = compiled_ratios(case.kind, case.shape, False, repeats)
+            line([case.name, f"{r['fwd']:.2f}", f"{r['fb']:.2f}"])
+            torch._dynamo.reset()
     return 0
