@@ -18,7 +18,7 @@ def test_torch_module_db_cases_pass_in_their_own_process():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), *sys.path])}
     env.pop("PYTEST_XDIST_WORKER", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          str(HERE / "torch_module_db_cases.py")],
         cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip

@@ -93,7 +93,7 @@ class BatchInstanceNorm(TrackedNorm):
                 f"got shape {tuple(x.shape)}"
             )
         ip = plan(self.patterns()[1], x.shape)
-        if x.numel() == 0:  # no statistics: count the batch, leave the buffers
+        if x.numel() == 0 and not synchronizing(self):  # no statistics: count the batch
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
         check_training_batch(self, x, ip.set_size, "spatial element")

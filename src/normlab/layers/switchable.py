@@ -140,7 +140,7 @@ class SwitchableNorm(TrackedNorm):
                 f"got shape {tuple(x.shape)}"
             )
         p = plan(self.pattern(), x.shape)
-        if x.numel() == 0:  # no statistics: count the batch, leave the buffers
+        if x.numel() == 0 and not synchronizing(self):  # no statistics: count the batch
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
         check_training_batch(self, x, p.set_size, "spatial element")
