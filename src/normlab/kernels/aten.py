@@ -15,6 +15,7 @@ Each recognizer returns the passes of its kernel for the call, or None.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,14 @@ class LayerNormPasses:
     name = "aten"
     kernel = "layer_norm"
     differentiable = True
+
+    def rebind(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> LayerNormPasses:
+        """The same passes for another call of the same geometry (cached choice)."""
+        order, n = list(self.order), len(self.order)
+        w, b = (_trailing_affine(t, order, self.trailing, n) for t in (weight, bias))
+        return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
         return f"{self.device} (aten): native_layer_norm"
@@ -202,6 +211,12 @@ class GroupNormPasses:
     kernel = "group_norm"
     differentiable = True
 
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        w = None if weight is None else weight.reshape(-1)
+        b = None if bias is None else bias.reshape(-1)
+        return dataclasses.replace(self, weight=w, bias=b)
+
     def describe(self) -> str:
         return f"{self.device} (aten): native_group_norm"
 
@@ -269,6 +284,12 @@ class BatchNormPasses:
     name = "aten"
     kernel = "batch_norm"
     differentiable = True
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        w = None if weight is None else weight.reshape(-1)
+        b = None if bias is None else bias.reshape(-1)
+        return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
         return f"{self.device} (aten): native_batch_norm"
@@ -365,6 +386,11 @@ class ForwardOnly:
 
     def describe(self) -> str:
         return "cpu (aten forward, numba backward): native_layer_norm"
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        fp = self.forward_passes.rebind(x, weight, bias)
+        return dataclasses.replace(self, forward_passes=fp, weight=weight, bias=bias)
 
     def forward(
         self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None

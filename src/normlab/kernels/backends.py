@@ -154,7 +154,7 @@ class NumbaBackend(Backend):
         if any(t is not None and t.dim() > x.dim() for t in (call.weight, call.bias)):
             return "weight/bias of higher rank than the input"
         prep = prepare(_dense(x), call.p, call.weight, call.bias, call.threads)
-        return prep if isinstance(prep, str) else NumbaPasses(prep, call.p)
+        return prep if isinstance(prep, str) else NumbaPasses(prep, call.p, call.threads)
 
 
 class TritonBackend(Backend):

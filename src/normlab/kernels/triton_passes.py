@@ -79,6 +79,14 @@ class TritonPasses:
 
     name = "triton"
 
+    def rebind(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> TritonPasses:
+        """The same passes for another call of the same geometry (cached choice)."""
+        prep = prepare_gpu(x, self.p, weight, bias)
+        assert not isinstance(prep, str), prep  # the same geometry was accepted
+        return TritonPasses(prep, self.p)
+
     @property
     def canon(self) -> Canonical:
         return self.prep.canon
