@@ -70,7 +70,7 @@ def _mixed_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype in allowed for t in params)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LayerNormPasses:
     """``native_layer_norm`` over the trailing dims of the input permuted to memory order."""
 
@@ -196,7 +196,7 @@ def group_norm(
     return GroupNormPasses(p, groups, w, b)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GroupNormPasses:
     """``native_group_norm`` (G groups of channels per sample)."""
 
@@ -224,8 +224,9 @@ class GroupNormPasses:
         self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
     ) -> Forward:
         n, c = x.shape[0], x.shape[1]
+        hw = x.numel() // (n * c) if n * c else 0
         y, mean, rstd = torch.native_group_norm(
-            x, self.weight, self.bias, n, c, x[0, 0].numel(), self.groups, eps
+            x, self.weight, self.bias, n, c, hw, self.groups, eps
         )
         return y, (mean, rstd), *_stats(mean, rstd, eps, self.p, stats)
 
@@ -266,7 +267,7 @@ def batch_norm(
     return BatchNormPasses(p, dim, w, b)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchNormPasses:
     """``native_batch_norm`` (one kept dim, the channels), with batch or given statistics.
 
@@ -373,7 +374,7 @@ def choose(
     return "batch norm on channels-first float data: the Numba kernel is measured faster"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ForwardOnly:
     """ATen's forward and the Numba kernel's backward (half-precision layer norm)."""
 

@@ -47,7 +47,7 @@ def available(module: str) -> bool:
     return _available[module]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One normalization call as the backends see it.
 
@@ -189,7 +189,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (ATEN, NUMBA, TRITON)}
 ORDER: dict[str, tuple[Backend, ...]] = {"cpu": (ATEN, NUMBA), "cuda": (ATEN, TRITON)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Choice:
     """The backend that serves a call (``"reference"`` when none does), its passes, and
     every refusal on the way as ``(backend, reason)``."""

@@ -228,7 +228,7 @@ def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(index, weights=values, minlength=size)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NumbaPasses:
     """The Numba kernels' passes for one call (see :class:`normlab.kernels.function.Passes`).
 

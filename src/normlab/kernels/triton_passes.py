@@ -70,7 +70,7 @@ def _grid(c: Canonical) -> tuple[int]:
     return (c.shape[0] * c.shape[2],)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TritonPasses:
     """The Triton kernels' passes for statistics derived between them (``derived.Passes``)."""
 
