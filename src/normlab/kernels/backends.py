@@ -15,8 +15,10 @@ The CUDA order is the safe one: no GPU run has yet shown a Triton path faster an
 correct (``benchmarks/cuda_paths.py`` measures them), so ATen's kernels come first.
 
 Example:
-    >>> choose(Call(torch.randn(2, 3), plan("n c -> c", (2, 3)), None, None, 1e-5, True))
-    Choice(backend='reference', passes=None, refusals=(...))
+    >>> choose(Call(torch.randn(2, 3), plan("n c -> c", (2, 3)), None, None, 1e-5, True)).backend
+    'aten'
+    >>> choose(Call(torch.randn(2, 3), plan("n c -> n", (2, 3)), None, None, 1e-5, False)).refusals
+    (('aten', 'no ATen kernel without centering (RMS)'), ('numba', '6 elements < 65536 (call overhead)'))
 """
 
 from __future__ import annotations
