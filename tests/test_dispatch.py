@@ -255,7 +255,7 @@ def test_transform_detection():
     assert seen == ["func", "func", "jit", "fx"]
 
 
-def test_cuda_paths_script_lists_every_case_without_a_gpu(capsys):
+def test_cuda_paths_script_lists_every_case_without_a_gpu(capsys, monkeypatch):
     """benchmarks/cuda_paths.py, for the day a GPU is lent: its CPU-side logic runs here."""
     import importlib.util
     from pathlib import Path
@@ -263,7 +263,7 @@ def test_cuda_paths_script_lists_every_case_without_a_gpu(capsys):
     path = Path(__file__).parent.parent / "benchmarks" / "cuda_paths.py"
     spec = importlib.util.spec_from_file_location("cuda_paths", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["cuda_paths"] = module  # its dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, "cuda_paths", module)  # dataclasses look it up
     spec.loader.exec_module(module)
     module.dry_run((2, 64, 3, 4))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]

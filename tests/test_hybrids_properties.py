@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from normlab.kernels import use_reference
 from normlab.layers.batch_free import EvoNormB0, EvoNormS0, FilterResponseNorm
 from normlab.layers.batch_instance import BatchInstanceNorm
 from normlab.layers.batchnorm import BatchNorm
@@ -53,7 +54,9 @@ def test_renorm_without_slack_is_batch_norm(shape, seed, offset):
     torch.manual_seed(seed)
     x = torch.randn(shape) + offset
     brn, bn = BatchRenorm(shape[1], rmax=1.0, dmax=0.0), BatchNorm(shape[1])
-    assert torch.equal(brn(x), bn(x))
+    # bit for bit on the same path (batch norm alone may take ATen's kernel)
+    with use_reference():
+        assert torch.equal(brn(x), bn(x))
     assert torch.equal(brn.running_var, bn.running_var)
 
 

@@ -6,14 +6,16 @@ than normlab's Numba kernel, the dispatcher uses it: `normlab` is then as fast a
 `torch.nn` there, and every other pattern keeps its own kernel. Each recognizer checks
 the plan's geometry, not the caller's name for it, so any pattern that *is* one of
 these normalizations gets the native kernel. Gradients come from
-the ATen ops' own backward kernels, called by normlab's one autograd formula
-(:mod:`normlab.kernels.function`), so ATen is one backend among the others.
+the ATen ops' own derivative formulas: these passes are `differentiable` (eager
+calls reach them directly, as torch.nn's do; double backward comes with them), so
+normlab's formula (:mod:`normlab.kernels.function`) is not needed for them.
 
 Each recognizer returns the passes of its kernel for the call, or None.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,7 @@ def _stats(
     """ATen's mean and 1/sqrt(var + eps) as (mean, biased var) in `p.stats_shape`, if wanted."""
     if not stats:  # layers without running estimates: skip the per-set work
         return None, None
+    mean, rstd = mean.detach(), rstd.detach()
     var = (rstd.double().pow(-2) - eps).clamp(min=0).to(rstd.dtype)
     if inverse is not None:
         mean, var = mean.permute(inverse), var.permute(inverse)
@@ -67,7 +70,7 @@ def _mixed_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype in allowed for t in params)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LayerNormPasses:
     """``native_layer_norm`` over the trailing dims of the input permuted to memory order."""
 
@@ -77,12 +80,19 @@ class LayerNormPasses:
     trailing: tuple[int, ...]
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None]  # the affine as given
-
     device: str = "cpu"
 
     name = "aten"
     kernel = "layer_norm"
+    differentiable = True
+
+    def rebind(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> LayerNormPasses:
+        """The same passes for another call of the same geometry (cached choice)."""
+        order, n = list(self.order), len(self.order)
+        w, b = (_trailing_affine(t, order, self.trailing, n) for t in (weight, bias))
+        return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
         return f"{self.device} (aten): native_layer_norm"
@@ -97,38 +107,6 @@ class LayerNormPasses:
             (mean, rstd),
             *_stats(mean, rstd, eps, self.p, stats, self.inverse),
         )
-
-    def backward(
-        self,
-        x: torch.Tensor,
-        gy: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        batch: bool,
-        center: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> Grads:
-        mask = [needs[0], needs[1] and self.weight is not None, needs[2] and self.bias is not None]
-        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            gy.permute(self.order), x.permute(self.order), self.trailing, *saved,
-            self.weight, self.bias, mask,
-        )  # fmt: skip
-        gw, gb = (
-            _unpermute(g, shape, self.order) for g, shape in zip((gw, gb), self.shapes, strict=True)
-        )
-        return (gx.permute(self.inverse) if mask[0] else None), gw, gb
-
-
-def _unpermute(
-    g: torch.Tensor | None, shape: tuple[int, ...] | None, order: tuple[int, ...]
-) -> torch.Tensor | None:
-    """A trailing-shaped gradient back in the layout of the parameter as given."""
-    if g is None or shape is None:
-        return g
-    if len(shape) == len(order):  # given at the input's rank: permuted with it
-        permuted = [shape[d] for d in order]
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        return g.reshape(permuted).permute(inverse)
-    return g
 
 
 def layer_norm(
@@ -155,8 +133,7 @@ def layer_norm(
     if any(t is False for t in params):
         return None
     inverse = sorted(range(x.dim()), key=order.__getitem__)
-    shapes = tuple(None if t is None else tuple(t.shape) for t in (weight, bias))
-    return LayerNormPasses(p, tuple(order), tuple(inverse), trailing, *params, shapes)  # type: ignore[arg-type]
+    return LayerNormPasses(p, tuple(order), tuple(inverse), trailing, *params)  # type: ignore[arg-type]
 
 
 def _trailing_affine(
@@ -219,7 +196,7 @@ def group_norm(
     return GroupNormPasses(p, groups, w, b)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GroupNormPasses:
     """``native_group_norm`` (G groups of channels per sample)."""
 
@@ -232,6 +209,13 @@ class GroupNormPasses:
 
     name = "aten"
     kernel = "group_norm"
+    differentiable = True
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        w = None if weight is None else weight.reshape(-1)
+        b = None if bias is None else bias.reshape(-1)
+        return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
         return f"{self.device} (aten): native_group_norm"
@@ -240,28 +224,11 @@ class GroupNormPasses:
         self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
     ) -> Forward:
         n, c = x.shape[0], x.shape[1]
+        hw = x.numel() // (n * c) if n * c else 0
         y, mean, rstd = torch.native_group_norm(
-            x, self.weight, self.bias, n, c, x[0, 0].numel(), self.groups, eps
+            x, self.weight, self.bias, n, c, hw, self.groups, eps
         )
         return y, (mean, rstd), *_stats(mean, rstd, eps, self.p, stats)
-
-    def backward(
-        self,
-        x: torch.Tensor,
-        gy: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        batch: bool,
-        center: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> Grads:
-        n, c = x.shape[0], x.shape[1]
-        mask = [needs[0], needs[1] and self.weight is not None, needs[2] and self.bias is not None]
-        if gy.stride() != x.stride():
-            gy = torch.empty_like(x).copy_(gy)
-        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            gy, x, *saved, self.weight, n, c, x[0, 0].numel(), self.groups, mask
-        )
-        return (gx if mask[0] else None), gw, gb
 
 
 #: With a gradient, ATen's channels-last group norm (forward+backward) still beat normlab's
@@ -300,7 +267,7 @@ def batch_norm(
     return BatchNormPasses(p, dim, w, b)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchNormPasses:
     """``native_batch_norm`` (one kept dim, the channels), with batch or given statistics.
 
@@ -317,6 +284,13 @@ class BatchNormPasses:
 
     name = "aten"
     kernel = "batch_norm"
+    differentiable = True
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        w = None if weight is None else weight.reshape(-1)
+        b = None if bias is None else bias.reshape(-1)
+        return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
         return f"{self.device} (aten): native_batch_norm"
@@ -348,30 +322,7 @@ class BatchNormPasses:
         m, v = mean.detach().reshape(-1), var.detach().reshape(-1)
         xc = x.movedim(self.dim, 1)
         y = torch.native_batch_norm(xc, self.weight, self.bias, m, v, False, 0.0, eps)[0]
-        return y.movedim(1, self.dim), (m, v, torch.tensor(eps, dtype=torch.float64))
-
-    def backward(
-        self,
-        x: torch.Tensor,
-        gy: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        batch: bool,
-        center: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> Grads:
-        mask = [needs[0], needs[1] and self.weight is not None, needs[2] and self.bias is not None]
-        xc, gc = x.movedim(self.dim, 1), gy.movedim(self.dim, 1)
-        if batch:
-            mean, invstd = saved
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gc, xc, self.weight, None, None, mean, invstd, True, 0.0, mask
-            )
-        else:
-            m, v, eps = saved
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gc, xc, self.weight, m, v, None, None, False, float(eps), mask
-            )
-        return (gx.movedim(1, self.dim) if mask[0] else None), gw, gb
+        return y.movedim(1, self.dim), ()
 
 
 def choose(
@@ -423,7 +374,7 @@ def choose(
     return "batch norm on channels-first float data: the Numba kernel is measured faster"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ForwardOnly:
     """ATen's forward and the Numba kernel's backward (half-precision layer norm)."""
 
@@ -436,6 +387,11 @@ class ForwardOnly:
 
     def describe(self) -> str:
         return "cpu (aten forward, numba backward): native_layer_norm"
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        fp = self.forward_passes.rebind(x, weight, bias)
+        return dataclasses.replace(self, forward_passes=fp, weight=weight, bias=bias)
 
     def forward(
         self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None

@@ -15,8 +15,10 @@ The CUDA order is the safe one: no GPU run has yet shown a Triton path faster an
 correct (``benchmarks/cuda_paths.py`` measures them), so ATen's kernels come first.
 
 Example:
-    >>> choose(Call(torch.randn(2, 3), plan("n c -> c", (2, 3)), None, None, 1e-5, True))
-    Choice(backend='reference', passes=None, refusals=(...))
+    >>> choose(Call(torch.randn(2, 3), plan("n c -> c", (2, 3)), None, None, 1e-5, True)).backend
+    'aten'
+    >>> choose(Call(torch.randn(2, 3), plan("n c -> n", (2, 3)), None, None, 1e-5, False)).refusals
+    (('aten', 'no ATen kernel without centering (RMS)'), ('numba', '6 elements < 65536 (call overhead)'))
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def available(module: str) -> bool:
     return _available[module]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One normalization call as the backends see it.
 
@@ -156,7 +158,7 @@ class NumbaBackend(Backend):
         if any(t is not None and t.dim() > x.dim() for t in (call.weight, call.bias)):
             return "weight/bias of higher rank than the input"
         prep = prepare(_dense(x), call.p, call.weight, call.bias, call.threads)
-        return prep if isinstance(prep, str) else NumbaPasses(prep, call.p)
+        return prep if isinstance(prep, str) else NumbaPasses(prep, call.p, call.threads)
 
 
 class TritonBackend(Backend):
@@ -191,7 +193,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (ATEN, NUMBA, TRITON)}
 ORDER: dict[str, tuple[Backend, ...]] = {"cpu": (ATEN, NUMBA), "cuda": (ATEN, TRITON)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Choice:
     """The backend that serves a call (``"reference"`` when none does), its passes, and
     every refusal on the way as ``(backend, reason)``."""

@@ -173,6 +173,44 @@ def _choose(call: Call, mode: str | None = None) -> Choice:
     if mode != "eager":
         return _under_transform(mode, call)
     forced = forced_backend()
+    key = _key(call, forced)
+    cached, plan_of = _cache.get(key, (None, None))
+    if cached is not None and plan_of is call.p:
+        if cached.passes is None:
+            return cached
+        x = backends._dense(call.x)
+        return Choice(
+            cached.backend, cached.passes.rebind(x, call.weight, call.bias), cached.refusals
+        )
+    choice = _choose_uncached(call, forced)
+    if len(_cache) >= 1024:
+        _cache.clear()
+    _cache[key] = (choice, call.p)
+    return choice
+
+
+#: Choices by everything they depend on (shape, strides, dtype, device, plan, affine
+#: geometry, statistics kind, gradients, switches): a repeated call skips the backends'
+#: checks and only rebinds its tensors.
+_cache: dict[tuple, tuple[Choice, Plan]] = {}
+
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _key(call: Call, forced: tuple[str, int | None] | None) -> tuple:
+    x = call.x
+    return (
+        x.shape, x.stride(), x.dtype, x.device, id(call.p), call.center, call.stats,
+        call.grad, call.stats_grad, call.device, forced, _global["native"],
+        _meta(call.weight), _meta(call.bias), tuple(backends._available.items()),
+    )  # fmt: skip
+
+
+def _choose_uncached(call: Call, forced: tuple[str, int | None] | None) -> Choice:
     only = None if forced is None else forced[0]
     if only == "reference":
         return Choice("reference", None, (("switch", "reference path forced"),))

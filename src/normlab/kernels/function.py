@@ -42,6 +42,8 @@ class Passes(Protocol):
     """
 
     name: str
+    #: True when `forward` and `apply` are differentiable ATen ops (no formula needed)
+    differentiable: bool = False
 
     def describe(self) -> str:
         """The path in one line, e.g. ``cpu (numba): family RKR, ...``."""
@@ -105,8 +107,9 @@ def normalize_batch(
     stats: bool = True,
     running: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(y, mean, var)`` with batch statistics; through autograd only when a gradient is due."""
-    if _needs_grad(x, weight, bias):
+    """``(y, mean, var)`` with batch statistics; through autograd only when a gradient is due
+    (and the passes are not differentiable themselves: ATen's ops)."""
+    if _needs_grad(x, weight, bias) and not getattr(passes, "differentiable", False):
         return BatchFunction.apply(x, weight, bias, p, eps, center, passes, stats, running)
     y, _, mean, var = passes.forward(x, eps, center, stats, running)
     return y, mean, var
@@ -123,7 +126,7 @@ def normalize_with(
     passes: Passes,
 ) -> torch.Tensor:
     """y with given statistics (that need no gradient); through autograd only when needed."""
-    if _needs_grad(x, weight, bias):
+    if _needs_grad(x, weight, bias) and not getattr(passes, "differentiable", False):
         return GivenFunction.apply(x, weight, bias, p, mean, var, eps, passes)
     return passes.apply(x, mean, var, eps)[0]
 

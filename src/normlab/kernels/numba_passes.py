@@ -228,7 +228,7 @@ def _scatter(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(index, weights=values, minlength=size)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NumbaPasses:
     """The Numba kernels' passes for one call (see :class:`normlab.kernels.function.Passes`).
 
@@ -241,8 +241,17 @@ class NumbaPasses:
 
     prep: Prepared
     p: Plan
+    threads: int | None = None
 
     name = "numba"
+
+    def rebind(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> NumbaPasses:
+        """The same passes for another call of the same geometry (cached choice)."""
+        prep = prepare(x, self.p, weight, bias, self.threads)
+        assert not isinstance(prep, str), prep  # the same geometry was accepted
+        return NumbaPasses(prep, self.p, self.threads)
 
     @property
     def canon(self) -> Canonical:

@@ -70,7 +70,7 @@ def _grid(c: Canonical) -> tuple[int]:
     return (c.shape[0] * c.shape[2],)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TritonPasses:
     """The Triton kernels' passes for statistics derived between them (``derived.Passes``)."""
 
@@ -78,6 +78,14 @@ class TritonPasses:
     p: Plan
 
     name = "triton"
+
+    def rebind(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> TritonPasses:
+        """The same passes for another call of the same geometry (cached choice)."""
+        prep = prepare_gpu(x, self.p, weight, bias)
+        assert not isinstance(prep, str), prep  # the same geometry was accepted
+        return TritonPasses(prep, self.p)
 
     @property
     def canon(self) -> Canonical:
