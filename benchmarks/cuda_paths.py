@@ -79,11 +79,15 @@ def make(shape, dtype, layout, device):  # noqa: ANN001, ANN201
 
 
 def accepting(fam: Family, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> list[str]:
-    """The CUDA backends that take this call (ATen, Triton), checked without running it."""
+    """The CUDA backends that take this call (ATen, Triton, and always the reference path),
+    checked without running it."""
     p = plan(fam.pattern, x.shape, **fam.sizes)
     wv, bv = affine_view(w, x, p, "weight"), affine_view(b, x, p, "bias")
     call = Call(x, p, wv, bv, 1e-5, fam.center, grad=True, device="cuda", forced=True)
-    return [name for name in ("aten", "triton") if not isinstance(BACKENDS[name].accept(call), str)]
+    names = [
+        name for name in ("aten", "triton") if not isinstance(BACKENDS[name].accept(call), str)
+    ]
+    return [*names, "reference"]
 
 
 def run(fam: Family, x, w, b, backend):  # noqa: ANN001, ANN201
@@ -167,7 +171,7 @@ def measure(shape: tuple[int, ...], repeats: int) -> None:
                 err = max_error(fam, x, w, b, backend)
 
                 def mine(xi, wi, bi, backend=backend, fam=fam):  # noqa: ANN001, ANN202
-                    with use_backend(backend):
+                    with use_reference() if backend == "reference" else use_backend(backend):
                         return normlab.normalize(
                             xi, fam.pattern, weight=wi, bias=bi, center=fam.center, **fam.sizes
                         )
