@@ -21,9 +21,18 @@ import time
 import torch
 import torch.distributed as dist
 
+from normlab.lab.claims_report import main_records, noise_table
 from normlab.lab.models import MODELS
+from normlab.lab.noise import DEFAULT_COMPANIONS, DEFAULT_PROBES
 from normlab.lab.report import batch_size_table, failed_lines, shift_table, write_outputs
-from normlab.lab.sweep import EXPERIMENTS, DataSpec, plan_runs, reference_batch, run_sweep
+from normlab.lab.sweep import (
+    DEFAULT_EXPERIMENTS,
+    EXPERIMENTS,
+    DataSpec,
+    plan_runs,
+    reference_batch,
+    run_sweep,
+)
 from normlab.lab.train import world
 
 DEFAULT_NORMS = ["bn", "gn", "in", "ln", "ibn"]
@@ -60,8 +69,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--experiment",
         nargs="+",
         choices=EXPERIMENTS,
-        default=list(EXPERIMENTS),
-        help="which experiments (default: all three)",
+        default=list(DEFAULT_EXPERIMENTS),
+        help=f"which experiments (default: {' '.join(DEFAULT_EXPERIMENTS)}); noise: batch noise "
+        "per norm and batch size; ghost: ghost batch norm at the reference batch; in-depth: "
+        "instance norm in the first k norm layers, batch norm after (cnn, resnet)",
+    )
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=DEFAULT_PROBES,
+        help=f"noise, ghost: probe test images (default {DEFAULT_PROBES})",
+    )
+    parser.add_argument(
+        "--companions",
+        type=int,
+        default=DEFAULT_COMPANIONS,
+        help=f"noise, ghost: random batches per probe (default {DEFAULT_COMPANIONS})",
     )
     parser.add_argument(
         "--seeds",
@@ -140,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
             args.experiment,
             seeds=args.seeds,
             epochs=args.epochs,
+            probes=args.probes,
+            companions=args.companions,
             model=args.model,
             data=args.data,
             limit=args.limit,
@@ -164,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         failed = [r for r in records if "failed" in r]
         # tables list the norms in the order asked for, even when a norm's first run failed
+        order = {norm: i for i, norm in enumerate(args.norms)}  # experiments' own norms last
         records = sorted(
-            (r for r in records if "failed" not in r), key=lambda r: args.norms.index(r["norm"])
+            (r for r in records if "failed" not in r),
+            key=lambda r: order.get(r["norm"], len(order)),
         )
         if not records:
             raise ValueError(f"every run failed; the first: {failed[0]['failed']}")
@@ -184,13 +211,17 @@ def run(args: argparse.Namespace) -> int:
             f"{elapsed:.0f} s",
             file=sys.stderr,
         )
+        main = main_records(records)
         if "batch-size" in args.experiment:
             print("\nTest error (%) vs batch size")
-            print("\n".join(batch_size_table(records)))
+            print("\n".join(batch_size_table(main)))
         if "shift" in args.experiment:
             ref = reference_batch(args.batch_sizes)
             print(f"\nTest accuracy (%) under appearance shifts (batch {ref})")
-            print("\n".join(shift_table([r for r in records if r["batch_size"] == ref])))
+            print("\n".join(shift_table([r for r in main if r["batch_size"] == ref])))
+        if "noise" in args.experiment:
+            print("\nBatch noise vs batch size")
+            print("\n".join(noise_table(main)))
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     finally:

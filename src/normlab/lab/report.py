@@ -36,6 +36,7 @@ SCALAR_FIELDS = (
     "test_images",
     "wall_time",
     "device",
+    "batch_noise",
 )
 
 
@@ -198,7 +199,7 @@ def write_outputs(
     `records` are finished runs; `failed` runs (a "failed" message, no accuracy) are
     listed in summary.md only.
     """
-    from normlab.lab import figures
+    from normlab.lab import claims_report, figures
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +210,7 @@ def write_outputs(
     }
     paths["json"].write_text(json.dumps(records, indent=1))
     write_csv(records, paths["csv"])
+    everything, records = records, claims_report.main_records(records)
     ref = reference_batch(sorted({r["batch_size"] for r in records}))
     at_ref = [r for r in records if r["batch_size"] == ref]
     seeds = len({r["seed"] for r in records})
@@ -258,9 +260,10 @@ def write_outputs(
             "![training curves](curves.png)",
             "",
         ]
+    text += claims_report.sections(everything, out, experiments, paths)
     if failed:
         text += ["## Runs that could not train", "", *failed_lines(failed), ""]
-    wall = sum(r["wall_time"] for r in records)
+    wall = sum(r["wall_time"] for r in everything)
     text += [f"Total training time of these runs: {wall:.0f} s (summed over runs)."]
     paths["summary"].write_text("\n".join(text) + "\n")
     return paths

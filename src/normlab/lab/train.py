@@ -33,7 +33,9 @@ from torch import nn
 
 from normlab.lab.data import ImageData
 from normlab.lab.models import build_model
+from normlab.lab.noise import noise_record
 from normlab.lab.shifts import SHIFTS
+from normlab.lab.weightnorm import init_weight_norm, weight_normed
 
 REFERENCE_BATCH = 32  # the batch size at which lr == base_lr
 
@@ -54,6 +56,8 @@ class RunConfig:
     base_lr: float = 0.1
     weight_decay: float = 5e-4
     world_size: int = 1
+    probes: int = 0  # > 0: measure batch noise with this many probes (see lab.noise)
+    companions: int = 0  # companion batches per probe
 
     def key(self) -> str:
         """A file-name-safe key: readable prefix plus a hash of every field."""
@@ -147,6 +151,9 @@ def _train(config: RunConfig, data: ImageData, device: torch.device, progress: o
         width=config.width,
         depth=config.depth,
     ).to(device)
+    if weight_normed(model):  # the paper's data-dependent init on the first training batch
+        first = _epoch_order(n_train, config.seed, 0)[:batch].to(device)
+        init_weight_norm(model, data.x_train.to(device)[first])
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model)
@@ -190,7 +197,7 @@ def _train(config: RunConfig, data: ImageData, device: torch.device, progress: o
         train_loss.append(mean_loss)
         test_acc.append(accuracy(model, x_test, y_test))
     wall = time.perf_counter() - start
-    return {
+    record = {
         **asdict(config),
         "accuracy": test_acc[-1],
         "error": 1.0 - test_acc[-1],
@@ -206,3 +213,16 @@ def _train(config: RunConfig, data: ImageData, device: torch.device, progress: o
         "wall_time": wall,
         "device": device.type,
     }
+    if config.probes > 0:
+        record.update(
+            noise_record(
+                model,
+                x_test,
+                x_train,
+                batch_size=batch,
+                probes=config.probes,
+                companions=config.companions,
+                seed=config.seed,
+            )
+        )
+    return record
