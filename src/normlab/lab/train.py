@@ -35,7 +35,7 @@ from normlab.lab.data import ImageData
 from normlab.lab.models import build_model
 from normlab.lab.noise import noise_record
 from normlab.lab.shifts import SHIFTS
-from normlab.lab.weightnorm import init_weight_norm, weight_normed
+from normlab.lab.weightnorm import INIT_IMAGES, init_weight_norm, weight_normed
 
 REFERENCE_BATCH = 32  # the batch size at which lr == base_lr
 
@@ -151,8 +151,8 @@ def _train(config: RunConfig, data: ImageData, device: torch.device, progress: o
         width=config.width,
         depth=config.depth,
     ).to(device)
-    if weight_normed(model):  # the paper's data-dependent init on the first training batch
-        first = _epoch_order(n_train, config.seed, 0)[:batch].to(device)
+    if weight_normed(model):  # data-dependent init: the first batch, at least INIT_IMAGES
+        first = _epoch_order(n_train, config.seed, 0)[: max(batch, INIT_IMAGES)].to(device)
         init_weight_norm(model, data.x_train.to(device)[first])
     net: nn.Module = model
     if world_size > 1:

@@ -3,8 +3,11 @@
 ``wn``: no activation normalization; convs that had no bias (their norm layer's β did
 that job) get one. ``wn-mobn``: the weight-normalization paper's CIFAR recipe, weight
 norm with mean-only batch norm (which brings its own β) in the norm layers' places.
-Both start with the paper's data-dependent initialization on the first training batch
-(:func:`init_weight_norm`).
+Both start with the paper's data-dependent initialization (:func:`init_weight_norm`) on
+the first training batch, topped up to `INIT_IMAGES` images from the first epoch's order
+when the batch is smaller: a variance over 2 samples is no estimate (g = 1/σ of two
+logits can be 100), and the init would then decide a small-batch run's fate, not the
+training.
 
 Example:
     >>> model = apply_weight_norm(build_model("cnn", "none", image_shape=(1, 16, 16), num_classes=10), conv_bias=True)  # doctest: +SKIP
@@ -22,6 +25,7 @@ from normlab.moments import moments
 
 # lab norm name -> the registry layer that takes the norm layers' places
 WEIGHT_NORMS = {"wn": "none", "wn-mobn": "mobn"}
+INIT_IMAGES = 64  # the data-dependent init sees at least this many images
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
