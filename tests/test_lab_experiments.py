@@ -112,3 +112,11 @@ def test_compare_noise_ghost_and_in_depth_end_to_end(tmp_path, capsys):
     assert sorted(r["norm"] for r in records) == ["in-first-0", "in-first-1", "in-first-2"]
     assert "## Instance norm in the first k layers" in (out / "summary.md").read_text()
     assert (out / "in-depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layer_groups_merge_only_an_rnns_per_step_copies():
+    from normlab.lab.claims_report import layer_groups
+
+    layers = {"norm_h.0": 1.0, "norm_h.1": 3.0, "norm_x.0": 0.5, "features.1": 2.0}
+    assert layer_groups(layers, steps=True) == {"norm_h": 2.0, "norm_x": 0.5, "features": 2.0}
+    assert layer_groups(layers, steps=False) == layers

@@ -65,23 +65,25 @@ def noise_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def layer_groups(layers: dict[str, float]) -> dict[str, float]:
-    """Per-layer noise with an RNN's per-step copies (``norm_h.3``) averaged into one row."""
+def layer_groups(layers: dict[str, float], steps: bool) -> dict[str, float]:
+    """Per-layer noise; with `steps` (the RNN), its per-step copies (``norm_h.3``) are
+    averaged into one row (``norm_h``)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for name, value in layers.items():
-        groups[_STEP_COPY.sub("", name) if name.count(".") == 1 else name].append(value)
+        groups[_STEP_COPY.sub("", name) if steps else name].append(value)
     return {name: statistics.fmean(values) for name, values in groups.items()}
 
 
 def noise_layers_table(records: list[dict], norm: str) -> list[str]:
-    """Markdown: batch noise of each norm layer of `norm`'s runs (rows, forward
-    registration order) per batch size (columns), mean over seeds."""
+    """Markdown: batch noise of each norm layer of `norm`'s runs (rows, registration
+    order; an RNN's per-step copies as one row) per batch size (columns), mean over seeds."""
     mine = [r for r in records if r["norm"] == norm and r.get("batch_noise_layers")]
     sizes = sorted({r["batch_size"] for r in mine})
     values: dict[tuple[str, int], list[float]] = defaultdict(list)
     names: list[str] = []
     for r in mine:
-        for name, value in layer_groups(r["batch_noise_layers"]).items():
+        steps = r.get("model") == "rnn"
+        for name, value in layer_groups(r["batch_noise_layers"], steps).items():
             values[(name, r["batch_size"])].append(value)
             if name not in names:
                 names.append(name)
