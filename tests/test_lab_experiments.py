@@ -120,3 +120,9 @@ def test_layer_groups_merge_only_an_rnns_per_step_copies():
     layers = {"norm_h.0": 1.0, "norm_h.1": 3.0, "norm_x.0": 0.5, "features.1": 2.0}
     assert layer_groups(layers, steps=True) == {"norm_h": 2.0, "norm_x": 0.5, "features": 2.0}
     assert layer_groups(layers, steps=False) == layers
+
+
+def test_layer_groups_skip_copies_without_a_ratio():
+    from normlab.lab.claims_report import layer_groups
+
+    assert layer_groups({"norm_h.0": float("nan"), "norm_h.1": 0.5}, steps=True) == {"norm_h": 0.5}

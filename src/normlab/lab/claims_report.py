@@ -40,6 +40,8 @@ def _fmt(value: float) -> str:
 
 
 def _cell(values: list[float]) -> str:
+    if any(v != v for v in values):
+        return "nan"  # a run that diverged
     mean, std = _stats(values)
     return _fmt(mean) if len(values) < 2 else f"{_fmt(mean)} ± {_fmt(std)}"
 
@@ -71,7 +73,11 @@ def layer_groups(layers: dict[str, float], steps: bool) -> dict[str, float]:
     groups: dict[str, list[float]] = defaultdict(list)
     for name, value in layers.items():
         groups[_STEP_COPY.sub("", name) if steps else name].append(value)
-    return {name: statistics.fmean(values) for name, values in groups.items()}
+    # a copy whose output is the same for every probe (step 0 of h: h_0 = 0) has no ratio
+    return {
+        name: statistics.fmean([v for v in values if v == v] or [float("nan")])
+        for name, values in groups.items()
+    }
 
 
 def noise_layers_table(records: list[dict], norm: str) -> list[str]:
@@ -114,6 +120,7 @@ def noise_figure(records: list[dict], path: Path) -> Path:
             values = [
                 r["batch_noise"] for r in measured if r["norm"] == norm and r["batch_size"] == b
             ]
+            values = [v for v in values if v == v]  # diverged runs (NaN) are left out
             if values:
                 mean, std = _stats(values)
                 xs.append(b)

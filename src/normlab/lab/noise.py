@@ -55,6 +55,8 @@ def noise_ratio(outputs: torch.Tensor) -> float:
     o = outputs.double()
     within = o.std(dim=1, correction=0).mean()
     across = o.mean(dim=1).std(dim=0, correction=0).mean()
+    if within == 0:
+        return 0.0  # no dependence on the companions (even where probes agree too)
     return float(within / across) if across > 0 else float("nan")
 
 
