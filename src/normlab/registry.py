@@ -120,6 +120,16 @@ register(
 )
 register("sn", layers.SwitchableNorm, "switchable norm: learned mix of IN, LN and BN moments")
 register("brn", layers.BatchRenorm, "batch renormalization: BN corrected toward running estimates")
+register(
+    "gbn",
+    layers.GhostBatchNorm,
+    "ghost batch norm: BN statistics per ghost batch ((g m) c ... -> g c), ghost_size=4",
+)
+register(
+    "mobn",
+    layers.MeanOnlyBatchNorm,
+    "mean-only batch norm: subtract the batch mean per channel, no division (pair with wn)",
+)
 
 
 def _evonorm_s0(channels: int, **options: object) -> nn.Module:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import normlab
-from normlab.lab.models import CONVERTED_NORMS, MODELS
+from normlab.lab.models import CONVERTED_NORMS, GHOST_NORM, IN_FIRST, MODELS
+from normlab.lab.noise import DEFAULT_COMPANIONS, DEFAULT_PROBES
 from normlab.lab.sources import (
     DataSpec,
     LoadedData,
@@ -33,6 +34,7 @@ from normlab.lab.sources import (
     resolve,
 )
 from normlab.lab.sweep import (
+    DEFAULT_EXPERIMENTS,
     EXECUTORS,
     EXPERIMENTS,
     Workload,
@@ -42,14 +44,43 @@ from normlab.lab.sweep import (
     sweep_lock,
 )
 from normlab.lab.train import RunConfig, num_threads, world
+from normlab.lab.weightnorm import WEIGHT_NORMS
 
 DEFAULT_NORMS = ("bn", "gn", "in", "ln", "ibn")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 32)
 
 
 def known_norms() -> list[str]:
-    """Every norm name a sweep accepts: the registry's and the whole-model conversions."""
-    return sorted({*normlab.available_norms(), *CONVERTED_NORMS})
+    """Every plain norm name a sweep accepts: the registry's, the whole-model conversions
+    and the weight-norm candidates; besides these, the built-in models take ``gbn<k>``
+    (ghost batches of k) and ``in-first-<k>`` (see :func:`is_known_norm`).
+
+    Example:
+        >>> "wn" in known_norms()
+        True
+    """
+    return sorted({*normlab.available_norms(), *CONVERTED_NORMS, *WEIGHT_NORMS})
+
+
+def is_known_norm(norm: str, model: str | None = "cnn") -> bool:
+    """True if a sweep of `model` (a built-in name; None for the user's own model) can
+    train with `norm`: a name from :func:`known_norms`, and on the built-in models also
+    ``gbn<k>`` (k >= 1), and ``in-first-<k>`` on cnn and resnet (k up to their number of
+    norm layers is checked when the model is built).
+
+    Example:
+        >>> is_known_norm("gbn8"), is_known_norm("in-first-2", "rnn")
+        (True, False)
+    """
+    builtin = model in MODELS
+    if norm in WEIGHT_NORMS:
+        return builtin
+    if norm in known_norms():
+        return True
+    ghost = GHOST_NORM.fullmatch(norm)
+    if ghost:
+        return builtin and int(ghost[1]) >= 1
+    return bool(IN_FIRST.fullmatch(norm)) and builtin and model != "rnn"
 
 
 def _positive(name: str, value: object, allow_none: bool = False) -> None:
@@ -87,7 +118,7 @@ def prepare(
     data: str | Callable | tuple = "digits",
     norms: Sequence[str] = DEFAULT_NORMS,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    experiments: Sequence[str] = EXPERIMENTS,
+    experiments: Sequence[str] = DEFAULT_EXPERIMENTS,
     epochs: int = 3,
     seeds: int = 2,
     limit: int | None = None,
@@ -103,17 +134,21 @@ def prepare(
     gpus_per_run: float = 0,
     data_workers: int = 0,
     world_size: int = 1,
+    probes: int = DEFAULT_PROBES,
+    companions: int = DEFAULT_COMPANIONS,
 ) -> Sweep:
     """Check every argument, load the data and try the model; ValueError/TypeError (a
     SourceError for the model and data) before anything trains."""
     norms, batch_sizes, experiments = list(norms), list(batch_sizes), list(experiments)
     if not norms:
         raise ValueError("norms: expected at least one norm name, got none")
-    unknown = [n for n in norms if n not in known_norms()]
+    builtin = model if isinstance(model, str) and model in MODELS else None
+    unknown = [n for n in norms if not is_known_norm(n, builtin)]
     if unknown:
         raise ValueError(
             f"norms: unknown {', '.join(map(repr, unknown))}; expected names from "
-            f"{', '.join(known_norms())}"
+            f"{', '.join(known_norms())} (wn and wn-mobn on the built-in models only), or "
+            f"gbn<k> (built-in models), in-first-<k> (cnn, resnet)"
         )
     if not batch_sizes:
         raise ValueError("batch_sizes: expected at least one batch size, got none")
@@ -122,8 +157,16 @@ def prepare(
     bad = [e for e in experiments if e not in EXPERIMENTS]
     if bad or not experiments:
         raise ValueError(f"experiments: expected some of {', '.join(EXPERIMENTS)}, got {bad}")
+    own = [e for e in experiments if e in ("ghost", "in-depth")]
+    if own and (builtin is None or ("in-depth" in own and builtin == "rnn")):
+        raise ValueError(
+            f"experiments: {', '.join(own)} build their own norms into the built-in models "
+            f"(in-depth: cnn or resnet), got model {model!r}"
+        )
     _positive("epochs", epochs)
     _positive("seeds", seeds)
+    _positive("probes", probes)
+    _positive("companions", companions)
     for name, value in (("limit", limit), ("width", width), ("depth", depth)):
         _positive(name, value, allow_none=True)
     _positive("num_classes", num_classes, allow_none=True)
@@ -200,6 +243,8 @@ def prepare(
         experiments,
         seeds=seeds,
         epochs=epochs,
+        probes=probes,
+        companions=companions,
         model=model_label,
         data=data_label,
         limit=limit,
@@ -283,7 +328,8 @@ def execute(
         outcome = Outcome(records, executed, paths)
         if rank == 0 and outcome.finished:
             order = {n: i for i, n in enumerate(sweep.norms)}
-            finished = sorted(outcome.finished, key=lambda r: order[r["norm"]])
+            # the norms in the order asked for; the experiments' own norms (gbn<k>, ...) last
+            finished = sorted(outcome.finished, key=lambda r: order.get(r["norm"], len(order)))
             paths.update(
                 write_outputs(
                     finished,
@@ -314,7 +360,7 @@ def compare(
     data: str | Callable | tuple = "digits",
     norms: Sequence[str] = DEFAULT_NORMS,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    experiments: Sequence[str] = EXPERIMENTS,
+    experiments: Sequence[str] = DEFAULT_EXPERIMENTS,
     out: str | os.PathLike = "compare-out",
     *,
     device: str = "cpu",
@@ -328,7 +374,8 @@ def compare(
     ``in_chans=`` when it takes them). `data`: a built-in spec, ``"MODULE:FUNCTION"``, a
     callable returning ``(train, test)`` Datasets of (image [C, H, W], label), or that pair
     itself. `options`: epochs, seeds, limit, width, depth, lr, num_classes, jobs,
-    executor ("process" or "ray"), address, cpus_per_run, gpus_per_run, data_workers.
+    executor ("process" or "ray"), address, cpus_per_run, gpus_per_run, data_workers,
+    probes and companions (the noise and ghost experiments' batch-noise measurement).
     A record with ``"failed"`` is a run the norm cannot do; ``"crashed"`` is retried on
     the next call with the same `out`.
 

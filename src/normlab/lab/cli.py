@@ -28,9 +28,11 @@ import torch
 import torch.distributed as dist
 
 from normlab.lab.api import DEFAULT_BATCH_SIZES, DEFAULT_NORMS, execute, prepare
+from normlab.lab.claims_report import main_records, noise_table
 from normlab.lab.models import MODELS
+from normlab.lab.noise import DEFAULT_COMPANIONS, DEFAULT_PROBES
 from normlab.lab.report import batch_size_table, failed_lines, shift_table
-from normlab.lab.sweep import EXECUTORS, EXPERIMENTS, reference_batch
+from normlab.lab.sweep import DEFAULT_EXPERIMENTS, EXECUTORS, EXPERIMENTS, reference_batch
 from normlab.lab.train import world
 
 DEFAULT_EPOCHS = 3
@@ -65,8 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--experiment",
         nargs="+",
         choices=EXPERIMENTS,
-        default=list(EXPERIMENTS),
-        help="which experiments (default: all)",
+        default=list(DEFAULT_EXPERIMENTS),
+        help=f"which experiments (default: {' '.join(DEFAULT_EXPERIMENTS)}); noise: batch noise "
+        "per norm and batch size; ghost: ghost batch norm at the reference batch; in-depth: "
+        "instance norm in the first k norm layers, batch norm after (cnn, resnet)",
+    )
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=DEFAULT_PROBES,
+        help=f"noise, ghost: probe test images (default {DEFAULT_PROBES})",
+    )
+    parser.add_argument(
+        "--companions",
+        type=int,
+        default=DEFAULT_COMPANIONS,
+        help=f"noise, ghost: random batches per probe (default {DEFAULT_COMPANIONS})",
     )
     parser.add_argument(
         "--seeds",
@@ -180,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         rank, world_size = world()
         device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
         sweep = prepare(
+            probes=args.probes,
+            companions=args.companions,
             model=args.model,
             data=args.data,
             norms=args.norms,
@@ -231,22 +249,28 @@ def run(args: argparse.Namespace) -> int:
             if outcome.crashed:
                 return 1
             raise ValueError(f"every run failed; the first: {outcome.failed[0]['failed']}")
-        records = sorted(records, key=lambda r: args.norms.index(r["norm"]))
+        # tables list the norms in the order asked for; the experiments' own norms last
+        order = {norm: i for i, norm in enumerate(args.norms)}
+        records = sorted(records, key=lambda r: order.get(r["norm"], len(order)))
         elapsed = time.perf_counter() - start
         print(
             f"{outcome.executed} run(s) executed, {len(sweep.configs) - outcome.executed} "
             f"already finished; {elapsed:.0f} s",
             file=sys.stderr,
         )
+        main = main_records(records)
         if "batch-size" in args.experiment:
             print("\nTest error (%) vs batch size")
-            print("\n".join(batch_size_table(records)))
+            print("\n".join(batch_size_table(main)))
         if "shift" in args.experiment:
             ref = reference_batch(args.batch_sizes)
-            at_ref = [r for r in records if r["batch_size"] == ref and r["shifted"]]
+            at_ref = [r for r in main if r["batch_size"] == ref and r["shifted"]]
             if at_ref:
                 print(f"\nTest accuracy (%) under appearance shifts (batch {ref})")
                 print("\n".join(shift_table(at_ref)))
+        if "noise" in args.experiment:
+            print("\nBatch noise vs batch size")
+            print("\n".join(noise_table(main)))
         print("\nwrote " + ", ".join(str(p) for p in outcome.paths.values()))
         return 1 if outcome.crashed else 0
     finally:

@@ -11,19 +11,50 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 import normlab
+from normlab.lab.norm_layers import norm_layers_in_forward_order
+from normlab.lab.weightnorm import WEIGHT_NORMS, apply_weight_norm
 
 # Norms that are a conversion of the whole batch-norm model, not one layer per place.
 CONVERTED_NORMS = ("ibn-a", "ibn-b")
 MODELS = ("cnn", "resnet", "rnn")
+# "gbn8": ghost batch norm over ghost batches of 8; "in-first-3": instance norm in the
+# first 3 norm layers of the forward pass, batch norm in the rest.
+GHOST_NORM = re.compile(r"gbn(\d+)")
+IN_FIRST = re.compile(r"in-first-(\d+)")
 
 
 def norm_layer(name: str, channels: int) -> nn.Module:
-    """One norm layer for `channels` channels from the registry ("none" is the identity)."""
+    """One norm layer for `channels` channels from the registry ("none" is the identity;
+    "gbn<k>" is ghost batch norm with ghost batches of k)."""
+    ghost = GHOST_NORM.fullmatch(name)
+    if ghost:
+        return normlab.create_norm("gbn", channels, ghost_size=int(ghost[1]))
     return normlab.create_norm(name, channels)
+
+
+def instance_norm_first(net: nn.Module, k: int, example: torch.Tensor) -> nn.Module:
+    """Replace the first `k` norm layers of `net` in forward order (on `example`) by
+    instance norm (affine, over each sample's positions) in place; return `net`."""
+    layers = norm_layers_in_forward_order(net, example)
+    if not 0 <= k <= len(layers):
+        raise ValueError(f"in-first-k: expected k in 0..{len(layers)} (the norm layers), got {k}")
+    for name, layer in layers[:k]:
+        parent_name, _, attr = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, attr, normlab.create_norm("in", layer.num_features))
+    return net
+
+
+def count_norm_layers(model: str, width: int | None = None, depth: int | None = None) -> int:
+    """How many norm layers `model` has (what k of "in-first-k" may go up to)."""
+    net = build_model(model, "bn", image_shape=(1, 16, 16), num_classes=2, width=width, depth=depth)
+    return len(norm_layers_in_forward_order(net, torch.zeros(2, 1, 16, 16)))
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -194,13 +225,19 @@ def build_model(
 ) -> nn.Module:
     """Build `model` ("cnn", "resnet", "rnn") with every norm layer of kind `norm`.
 
+    Besides registry names: "ibn-a", "ibn-b" (converted), "wn", "wn-mobn" (weight norm
+    on every conv and linear; see `normlab.lab.weightnorm`), "gbn<k>" (ghost batch
+    norm, ghost batches of k) and "in-first-<k>" (instance norm in the first k norm
+    layers in forward order, batch norm after).
+
     `depth` is the number of conv layers (cnn), blocks per stage (resnet); `width` the
     first stage's channels (cnn, resnet) or the hidden size (rnn).
     """
     if model not in MODELS:
         raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {model!r}")
     in_channels, height, row = image_shape
-    layer_norm = "bn" if norm in CONVERTED_NORMS else norm
+    in_first = IN_FIRST.fullmatch(norm)
+    layer_norm = "bn" if norm in CONVERTED_NORMS or in_first else WEIGHT_NORMS.get(norm, norm)
     if model == "cnn":
         net: nn.Module = PlainCNN(layer_norm, in_channels, num_classes, width or 16, depth or 5)
     elif model == "resnet":
@@ -216,4 +253,10 @@ def build_model(
         if convert is None:
             raise ValueError(f"norm {norm!r} needs normlab.convert, which this install lacks")
         net, _ = convert(net, to=norm)
+    if norm in WEIGHT_NORMS:
+        apply_weight_norm(net, conv_bias=layer_norm == "none")
+    if in_first:
+        if model == "rnn":
+            raise ValueError(f"rnn: {norm!r} needs conv layers (instance norm); use cnn or resnet")
+        instance_norm_first(net, int(in_first[1]), torch.zeros(2, *image_shape))
     return net

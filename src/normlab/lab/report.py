@@ -40,6 +40,7 @@ SCALAR_FIELDS = (
     "test_images",
     "wall_time",
     "device",
+    "batch_noise",
 )
 
 
@@ -271,7 +272,7 @@ def write_outputs(
     accuracy) are listed in the summary only. `label` names the model and data on the
     figures.
     """
-    from normlab.lab import figures
+    from normlab.lab import claims_report, figures
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,6 +284,7 @@ def write_outputs(
     }
     paths["json"].write_text(json.dumps(records, indent=1))
     write_csv(records, paths["csv"])
+    everything, records = records, claims_report.main_records(records)
     ref = reference_batch(sorted({r["batch_size"] for r in records}))
     at_ref = [r for r in records if r["batch_size"] == ref]
     seeds = len({r["seed"] for r in records})
@@ -336,9 +338,10 @@ def write_outputs(
             "![training curves](curves.png)",
             "",
         ]
+    text += claims_report.sections(everything, out, experiments, paths)
     if failed:
         text += ["## Runs that could not train", "", *failed_lines(failed), ""]
-    wall = sum(r["wall_time"] for r in records)
+    wall = sum(r["wall_time"] for r in everything)
     text += [f"Total training time of these runs: {wall:.0f} s (summed over runs)."]
     summary = "\n".join(text) + "\n"
     paths["summary"].write_text(summary)

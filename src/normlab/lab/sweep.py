@@ -40,14 +40,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from normlab.lab.models import count_norm_layers
+from normlab.lab.noise import DEFAULT_COMPANIONS, DEFAULT_PROBES
 from normlab.lab.sources import DataSpec, LoadedData
 from normlab.lab.train import RunConfig, train_run, world
 
-EXPERIMENTS = ("batch-size", "shift", "curves")
+EXPERIMENTS = ("batch-size", "shift", "curves", "noise", "ghost", "in-depth")
+DEFAULT_EXPERIMENTS = ("batch-size", "shift", "curves")
 EXECUTORS = ("process", "ray")
 LOCK_FILE = ".lock"
 
 __all__ = [
+    "DEFAULT_EXPERIMENTS",
     "EXECUTORS",
     "EXPERIMENTS",
     "DataSpec",
@@ -86,12 +90,19 @@ def plan_runs(
     *,
     seeds: int,
     epochs: int,
+    probes: int = DEFAULT_PROBES,
+    companions: int = DEFAULT_COMPANIONS,
     **common: object,
 ) -> list[RunConfig]:
     """The runs the experiments need, without duplicates, in a stable order.
 
-    batch-size: every norm at every batch size; every other experiment: every norm at the
-    reference batch size. `common` holds the other `RunConfig` fields.
+    batch-size: every norm at every batch size; shift and curves: every norm at the
+    reference batch size; noise: every norm at every batch size, each run measuring its
+    batch noise (`probes` probes in `companions` batches each); ghost: ghost batch norm
+    ("gbn<k>") at the reference batch size for ghost batches of 2, 4, ... up to it, with
+    batch noise; in-depth: "in-first-<k>" (instance norm in the first k norm layers,
+    batch norm after) for every k at the reference batch size. `common` holds the
+    other `RunConfig` fields.
     """
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
@@ -104,13 +115,26 @@ def plan_runs(
     sizes: set[int] = set()
     if "batch-size" in experiments:
         sizes.update(batch_sizes)
-    if set(experiments) - {"batch-size"}:
+    if {"shift", "curves"} & set(experiments):
         sizes.add(reference_batch(batch_sizes))
+    noise = {"probes": probes, "companions": companions}
+    if "noise" in experiments:
+        sizes.update(batch_sizes)
+        common = {**common, **noise}
+    runs = [(norm, b, common) for b in sorted(sizes) for norm in norms]
+    ref = reference_batch(batch_sizes)
+    if "ghost" in experiments:
+        ghosts = [2**i for i in range(1, ref.bit_length()) if 2**i <= ref]
+        runs += [(f"gbn{g}", ref, {**common, **noise}) for g in ghosts]
+    if "in-depth" in experiments:
+        model = str(common.get("model", "cnn"))
+        width, depth = common.get("width"), common.get("depth")
+        count = count_norm_layers(model, width, depth)  # type: ignore[arg-type]
+        runs += [(f"in-first-{k}", ref, common) for k in range(count + 1)]
     configs = [
-        RunConfig(norm=norm, batch_size=b, epochs=epochs, seed=seed, **common)  # type: ignore[arg-type]
+        RunConfig(norm=norm, batch_size=b, epochs=epochs, seed=seed, **extra)  # type: ignore[arg-type]
         for seed in range(seeds)
-        for b in sorted(sizes)
-        for norm in norms
+        for norm, b, extra in runs
     ]
     return list(dict.fromkeys(configs))
 

@@ -37,8 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlab.lab.data import ImageData
+from normlab.lab.noise import noise_record
 from normlab.lab.shifts import SHIFTS
 from normlab.lab.sources import LoadedData, build_run_model, norm_modules
+from normlab.lab.weightnorm import INIT_IMAGES, init_weight_norm, weight_normed
 
 REFERENCE_BATCH = 32  # the batch size at which lr == base_lr
 EVAL_BATCH = 512  # evaluation batch: fixed, so that per-batch shifts do not depend on anything
@@ -65,6 +67,8 @@ class RunConfig:
     threads: int = 1
     num_classes: int | None = None
     fingerprint: str = ""
+    probes: int = 0  # > 0: measure batch noise with this many probes (see lab.noise)
+    companions: int = 0  # companion batches per probe
 
     def key(self) -> str:
         """A file-name-safe key: readable prefix plus a hash of every field that differs
@@ -138,6 +142,21 @@ def batches(
     )
     for x, y in loader:
         yield x, torch.as_tensor(y, dtype=torch.long)
+
+
+def images(dataset: object, indices: list[int], device: str | torch.device) -> torch.Tensor:
+    """The images of `dataset` at `indices`, stacked in that order, on `device`: a few
+    examples read on demand (the data is never held in memory as a whole).
+
+    Example:
+        >>> x = images(TensorDataset(torch.zeros(5, 1, 2, 2), torch.zeros(5)), [3, 0], "cpu")
+        >>> tuple(x.shape)
+        (2, 1, 2, 2)
+    """
+    if len(indices) == 0:
+        raise ValueError("images: expected at least one index, got none")
+    x, _ = next(iter(batches(dataset, [list(indices)])))
+    return x.to(device)
 
 
 def _eval_batches(n: int) -> list[list[int]]:
@@ -258,6 +277,9 @@ def _train(
         function=model_function,
     )
     model = model.to(device)
+    if weight_normed(model):  # data-dependent init: the first batch, at least INIT_IMAGES
+        first = _epoch_order(n_train, config.seed, 0)[: max(batch, INIT_IMAGES)].tolist()
+        init_weight_norm(model, images(data.train, first, device))
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model)
@@ -325,4 +347,18 @@ def _train(
         record["shifts_skipped"] = skipped
     if notes:
         record["norm_notes"] = notes
+    if config.probes > 0:
+        record.update(
+            noise_record(
+                model,
+                lambda idx: images(data.test, idx, device),
+                lambda idx: images(data.train, idx, device),
+                test_size=len(data.test),  # type: ignore[arg-type]
+                train_size=n_train,
+                batch_size=batch,
+                probes=config.probes,
+                companions=config.companions,
+                seed=config.seed,
+            )
+        )
     return record
