@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # the `ray` extra, installed by the `test` extra: a missing one fails
 from lab_helpers import SRC, descendants, normlab_process, untimed, wait_gone
 
 from normlab.lab.sweep import DataSpec, plan_runs, record_path, run_sweep
-
-ray = pytest.importorskip("ray")  # the `ray` extra, installed by the `test` extra
 
 DATA = DataSpec("digits", limit=40)
 CONFIGS = plan_runs(["bn", "gn"], [8], ["batch-size"], seeds=1, epochs=1, limit=40)
