@@ -14,8 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.layers.checks import channel_view, check_channel_axis, check_input, describe
-from normlab.layers.tracked import check_eps_momentum, check_positive_int
+from normlab.layers.checks import (
+    channel_view,
+    check_channel_axis,
+    check_eps_momentum,
+    check_input,
+    check_positive_int,
+    check_training_batch,
+)
+from normlab.layers.running import empty_batch
 from normlab.moments import batch_stats
 from normlab.pattern import plan
 
@@ -59,28 +66,44 @@ class MeanOnlyBatchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("num_batches_tracked", None)
 
+    def reset_running_stats(self) -> None:
+        """Running mean 0, no batch counted."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """β = 0 and fresh running statistics."""
+        self.reset_running_stats()
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
     def pattern(self) -> str:
         """The statistics pattern of this layer (any input rank)."""
         return "n c ... -> c" if self.channel_axis == 1 else "n ... c -> c"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = check_input(self, x, None, self.num_features, self.channel_axis)
+        bias = channel_view(self.bias, x.dim(), axis)
+        if x.numel() == 0:
+            return empty_batch(self, x, None, bias)
         if self.training or self.running_mean is None:
             p = plan(self.pattern(), x.shape)
-            if self.training and p.set_size <= 1:
-                raise ValueError(
-                    f"{describe(self)}: expected more than 1 value per channel when training, "
-                    f"got input of shape {tuple(x.shape)}"
-                )
+            if self.training:
+                check_training_batch(self, x, p.set_size, "value per channel")
             mean = p.to_kept(batch_stats(x, p)[0])
             if self.training and self.track_running_stats:
                 self._update_running(mean.detach())
         else:
             mean = self.running_mean
-        y = x - channel_view(mean.to(x.dtype), x.dim(), axis)
-        if self.bias is not None:
-            y = y + channel_view(self.bias, x.dim(), axis)
-        return y
+        # in float32 at least: half-precision data far from zero loses its deviations
+        # when the mean is subtracted in its own dtype
+        wide = torch.promote_types(x.dtype, torch.float32)
+        y = x.to(wide) - channel_view(mean.to(wide), x.dim(), axis)
+        if bias is not None:
+            y = y + bias.to(wide)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor) -> None:
