@@ -1,10 +1,13 @@
-"""Under torch.compile: the normlab:: custom operator or the plain-ATen decomposition?
+"""Under torch.compile: ATen's kernel, the normlab:: custom operator, or the decomposition?
 
 A conv → norm → ReLU block at 8×32×32×32 float32, forward and backward, on the CPU,
-compiled twice in one process: once with the norm as the reference decomposition
-(which Inductor fuses with its neighbours), once as the ``normlab::batch_forward``
-operator (opaque to Inductor). Prints the median time of each (repeated runs) and the
-ratio; the dispatcher's ``COMPILE_OPERATOR`` follows these figures.
+compiled once per path in one process: the norm as ATen's own kernel where one computes
+the pattern (``native_batch_norm``/``native_group_norm``/``native_layer_norm``/
+``rms_norm``, what torch.nn's layers hand Inductor), as the reference decomposition
+(which Inductor fuses with its neighbours), and as the ``normlab::batch_forward``
+operator (opaque to Inductor). Prints the median time of each (interleaved repeated
+runs) and the ratios to the decomposition; the dispatcher's compile path
+(:func:`normlab.kernels.dispatch.compile_kernel`) follows these figures.
 
     python benchmarks/compile_path.py [--repeats 30]
 """
@@ -18,13 +21,15 @@ import time
 import torch
 from torch import nn
 
-from normlab.kernels import ops
+from normlab.kernels import dispatch, ops
 from normlab.pattern import Plan, plan
 
 SHAPE = (8, 32, 32, 32)
 CASES = [  # name, pattern, sizes, center
     ("batch norm", "n c h w -> c", {}, True),
     ("group norm", "n (g k) h w -> n g", {"g": 8}, True),
+    ("instance norm", "n c h w -> n c", {}, True),
+    ("layer norm (C,H,W)", "n c h w -> n", {}, True),
     ("LayerNorm2d", "n c h w -> n h w", {}, True),
     ("RMS norm (C,H,W)", "n c h w -> n", {}, False),
 ]
@@ -62,6 +67,9 @@ class Block(nn.Module):
         w, b = self.weight.reshape(shape), self.bias.reshape(shape)
         if self.path == "operator":
             y = torch.ops.normlab.batch_forward(h, w, b, self.spec, 1e-5, self.center, "numba")[0]
+        elif self.path == "aten":
+            passes = dispatch.compile_kernel(h, p, w, b, self.center)
+            y = passes.forward(h, 1e-5, self.center, False)[0]
         else:
             y = decomposition(h, p, w, b, 1e-5, self.center)
         return torch.relu(y)
@@ -87,18 +95,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(SHAPE)
-    print("| norm | decomposition (ms) | operator (ms) | operator / decomposition |")
+    print("| norm | decomposition (ms) | aten / decomposition | operator / decomposition |")
     print("|---|---|---|---|")
     for name, pattern, sizes, center in CASES:
+        paths = ["reference", "operator"]
+        if dispatch.compile_kernel(x, plan(pattern, SHAPE, **sizes), None, None, center):
+            paths.append("aten")
         models = {
             path: torch.compile(Block(pattern, sizes, center, path), fullgraph=True)
-            for path in ("reference", "operator")
+            for path in paths
         }
         got = measure(models, x, args.repeats)
-        ratio = got["operator"] / got["reference"]
-        print(
-            f"| {name} | {got['reference'] * 1e3:.2f} | {got['operator'] * 1e3:.2f} | {ratio:.2f} |"
-        )
+        ref = got["reference"]
+        aten = f"{got['aten'] / ref:.2f}" if "aten" in got else "no ATen kernel"
+        print(f"| {name} | {ref * 1e3:.2f} | {aten} | {got['operator'] / ref:.2f} |")
 
 
 if __name__ == "__main__":

@@ -46,21 +46,27 @@ def pairs() -> list[tuple[str, nn.Module, nn.Module]]:
     return out
 
 
-def per_call(fn: Callable[[], object], calls: int) -> float:
-    """Median seconds per call, timed in batches of 10 calls.
+def interleaved(fns: list[Callable[[], object]], calls: int) -> tuple[list[float], float]:
+    """Median seconds per call of each function, and the median ratio of the first to the
+    second, from batches of 10 calls taken in turn (one batch of each, then again).
 
     The time is this thread's CPU time (one torch thread): on a shared machine, wall time
-    also counts the moments other processes hold the core.
+    also counts the moments other processes hold the core. Taking the batches in turn
+    lets a slow moment fall on both sides, and the median ratio of neighbouring batches
+    is steadier than a ratio of medians.
     """
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(calls // 10):
-        start = time.thread_time()
-        for _ in range(10):
+    for fn in fns:
+        for _ in range(50):
             fn()
-        times.append((time.thread_time() - start) / 10)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(calls // 10):
+        for i, fn in enumerate(fns):
+            start = time.thread_time()
+            for _ in range(10):
+                fn()
+            times[i].append((time.thread_time() - start) / 10)
+    ratios = [a / b for a, b in zip(times[0], times[1], strict=True)]
+    return [statistics.median(t) for t in times], statistics.median(ratios)
 
 
 def main() -> None:
@@ -81,13 +87,10 @@ def main() -> None:
     print("|---|---|---|---|")
     ratios = []
     for name, ours, theirs in pairs():
-        got = [0.0, 0.0]
-        for _ in range(3):  # alternate: machine load falls on both
-            for i, layer in enumerate((ours, theirs)):
-                got[i] += per_call(lambda layer=layer: layer(x), args.calls // 3)
-        ratio = got[0] / got[1]
+        calls = [lambda m=ours: m(x), lambda m=theirs: m(x)]
+        (mine, torch_s), ratio = interleaved(calls, args.calls)
         ratios.append(ratio)
-        print(f"| {name} | {got[0] / 3 * 1e6:.1f} | {got[1] / 3 * 1e6:.1f} | {ratio:.2f} |")
+        print(f"| {name} | {mine * 1e6:.1f} | {torch_s * 1e6:.1f} | {ratio:.2f} |")
     print(f"\nmedian ratio {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
 
 

@@ -273,6 +273,32 @@ def test_sizes():
     assert FAST[0] * FAST[1] * FAST[2] * FAST[3] >= MIN_ELEMENTS
 
 
+COMPILE_PATHS = [  # pattern, layout, the operator the compiled graph holds
+    ("n c h w -> c", None, "native_batch_norm"),
+    ("n c h w -> c", torch.channels_last, "native_batch_norm"),
+    ("n (g k) h w -> n g", None, "native_group_norm"),
+    ("n c h w -> n", None, "native_layer_norm"),  # LayerNorm over (C, H, W)
+    ("n c h w -> n h w", torch.channels_last, "native_layer_norm"),  # LayerNorm2d, NHWC
+    ("n c h w -> n h w", None, "var_mean"),  # LayerNorm2d on NCHW: the decomposition
+]
+
+
+@pytest.mark.parametrize(("pattern", "layout", "op"), COMPILE_PATHS)
+def test_compiled_graph_holds_the_named_path(pattern, layout, op):
+    """Under torch.compile a call takes ATen's own kernel where one is exact (the operator
+    torch.nn hands Inductor), else the decomposition; explain_dispatch says which."""
+    torch._dynamo.reset()
+    x = sample(FAST, torch.float32, layout is not None).requires_grad_()
+    sizes = {"g": 4} if "(g k)" in pattern else {}
+    said = normlab.explain_dispatch(x, pattern, mode="compile", **sizes)
+    assert said.startswith("reference" if op == "var_mean" else "cpu (aten)"), said
+    capture = Capture()
+    f = torch.compile(lambda t: normlab.normalize(t, pattern, **sizes), backend=capture)
+    f(x).sum().backward()
+    ops = {str(n.target) for n in capture.graphs[0].graph.nodes if n.op == "call_function"}
+    assert any(op in o for o in ops), ops
+
+
 def test_compile_takes_the_reference_path():
     """Under dynamo the dispatcher names the reference path; in eager the kernels (fast size)."""
     seen = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 
 import pytest
@@ -36,8 +38,14 @@ def test_small_tensors_take_aten_where_exact_else_reference():
     assert (
         explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> c") == "cpu (aten): native_batch_norm"
     )
-    # no ATen kernel for LayerNorm2d on NCHW data: a Numba call costs more than it saves
+    # LayerNorm2d on NCHW data: ATen's layer norm through a copy beats the reference path
     small = explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> n h w")
+    assert small == "cpu (aten): native_layer_norm on a contiguous copy (small input)"
+    # RMS norm over trailing dims: ATen's rms_norm
+    rms = explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> n", center=False)
+    assert rms == "cpu (aten): rms_norm"
+    # no ATen kernel for RMS norm over channels (not trailing): a Numba call costs more
+    small = explain_dispatch(torch.randn(2, 3, 4, 4), "n c h w -> n h w", center=False)
     assert small.startswith("reference") and "elements" in first(small)
     assert "aten refused" in small
 
@@ -103,7 +111,7 @@ def test_statistics_with_gradient_use_reference():
     torch.testing.assert_close(gm, torch.full_like(gm, -x[:, 0].numel() / (1 + 1e-5) ** 0.5))
 
 
-def test_forcing_the_reference_path(monkeypatch):
+def test_forcing_the_reference_path():
     x = torch.randn(BIG)
     assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
     with use_reference():
@@ -118,10 +126,17 @@ def test_forcing_the_reference_path(monkeypatch):
         assert explain_dispatch(x, "n c h w -> c").startswith("reference")
     finally:
         set_reference(previous)
-    monkeypatch.setenv("NORMLAB_REFERENCE", "1")
-    assert explain_dispatch(x, "n c h w -> c").startswith("reference")
-    monkeypatch.setenv("NORMLAB_REFERENCE", "0")
-    assert explain_dispatch(x, "n c h w -> c").startswith("cpu")
+    # the environment variable is read when normlab is imported
+    script = (
+        "import torch, normlab; from normlab.kernels import explain_dispatch; "
+        "print(explain_dispatch(torch.randn(2, 3, 4, 4), 'n c h w -> c'))"
+    )
+    for value, path in (("1", "reference"), ("0", "cpu")):
+        env = dict(os.environ, NORMLAB_REFERENCE=value)
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.startswith(path), out.stdout
 
 
 def test_choice_is_logged(caplog, numba_only):
@@ -157,7 +172,8 @@ def test_use_backend_forces_one_backend_without_a_size_floor():
         assert first(explain_dispatch(torch.randn(BIG), "n c h w -> c")) == (
             "cpu (aten): native_batch_norm"
         )
-        assert explain_dispatch(x, "n c h w -> n h w").startswith("reference")
+        # no ATen kernel for RMS norm over NCHW channels (rms_norm takes trailing dims)
+        assert explain_dispatch(x, "n c h w -> n h w", center=False).startswith("reference")
     # the switch is undone on leaving the block
     assert first(explain_dispatch(torch.randn(BIG), "n c h w -> c")).startswith("cpu (numba)")
     with pytest.raises(ValueError, match="expected one of"):
@@ -211,8 +227,10 @@ def test_cuda_order_takes_aten_wherever_exact(pattern, fmt, dtype, expected, mon
         assert line.startswith("cuda (aten)"), line
     else:  # the Triton kernels are not in the CUDA order (measured slower, less exact)
         assert line.startswith("reference"), line
-    # without centering (RMS) there is no ATen kernel: the reference path
+    # RMS norm over the dims innermost in memory: ATen's rms_norm; over others, none
     rms = first(explain_dispatch(x, "n c h w -> n", center=False, device="cuda"))
+    assert rms == "cuda (aten): rms_norm", rms
+    rms = first(explain_dispatch(x, "n c h w -> n c w", center=False, device="cuda"))
     assert rms.startswith("reference"), rms
 
 
@@ -231,9 +249,20 @@ def test_path_under_each_transform_is_the_decomposition(mode):
     x = torch.randn(BIG)
     got = explain_dispatch(x, "n c h w -> n h w", mode=mode)
     assert got.startswith("reference: under torch.")
-    # batch norm under compile: the custom operator (measured faster), else the decomposition
+    # batch norm under compile: ATen's own kernel (torch.nn's operator), else the decomposition
     bn = explain_dispatch(x, "n c h w -> c", mode=mode)
-    assert bn.startswith("operator" if mode == "compile" else "reference: under torch.")
+    if mode == "compile":
+        assert bn.startswith("cpu (aten): native_batch_norm"), bn
+        assert "torch.nn's operator" in bn
+        # half-precision layer norm with an affine and a gradient: the decomposition, as in
+        # eager (ATen's affine gradients are too coarse there)
+        xh = torch.randn(4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.ones(16, dtype=torch.bfloat16, requires_grad=True)
+        ln = explain_dispatch(xh, "b t d -> b t", weight=w, mode=mode)
+        assert ln.startswith("reference: under torch.compile"), ln
+        assert explain_dispatch(xh.detach(), "b t d -> b t", mode=mode).startswith("cpu (aten)")
+    else:
+        assert bn.startswith("reference: under torch."), bn
     assert explain_dispatch(x, "n c h w -> c", mode="eager").startswith("cpu")
     with pytest.raises(ValueError, match="mode"):
         explain_dispatch(x, "n c h w -> c", mode="trace")

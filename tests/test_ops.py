@@ -134,22 +134,29 @@ def test_calls_the_backend_refuses_take_the_reference_path_inside(center):
         torch.ops.normlab.batch_forward(x, None, None, spec, 1e-5, True, "cuda")
 
 
-def test_compiled_batch_norm_takes_the_operator_and_matches_eager():
-    """Under torch.compile batch norm's call is one normlab:: operator (measured faster
-    than the decomposition there); outputs, statistics and gradients as on the reference path."""
+def test_the_operator_compiles_and_matches_eager():
+    """A graph that calls the normlab:: operator compiles whole (fake implementation,
+    registered autograd): outputs, statistics and gradients as on the reference path.
+    (The dispatcher itself takes ATen's kernel under torch.compile: measured faster.)"""
     from normlab.kernels import dispatch, explain_dispatch, use_reference
 
     x = torch.randn(8, 16, 32, 32)
     p = plan("n c h w -> c", x.shape)
-    assert explain_dispatch(x, "n c h w -> c", mode="compile").startswith("operator")
+    path = explain_dispatch(x, "n c h w -> c", mode="compile").splitlines()
+    assert path == [
+        "cpu (aten): native_batch_norm",
+        "  under torch.compile ATen's own kernel (torch.nn's operator), where exact",
+    ]
     graphs = []
 
     def capture(gm, inputs):  # noqa: ARG001
         graphs.append(gm)
         return gm.forward
 
+    spec = ops.plan_spec(p)
+
     def f(x, w):
-        return dispatch.normalize_batch(x, p, w, None, 1e-5, True)
+        return torch.ops.normlab.batch_forward(x, w, None, spec, 1e-5, True, "numba")[:3]
 
     compiled = torch.compile(f, backend=capture, fullgraph=True)
     w = torch.linspace(0.5, 1.5, 16).reshape(1, 16, 1, 1).requires_grad_()

@@ -243,7 +243,10 @@ def _dispatched(fn: Callable, x) -> str:  # noqa: ANN001
     A hybrid layer makes several normalizations (its IN and BN parts, or statistics
     then one application); each logged call becomes "pattern: path", in order, once.
     """
+    import copy
     import logging
+
+    import torch
 
     calls: list[str] = []
 
@@ -256,6 +259,8 @@ def _dispatched(fn: Callable, x) -> str:  # noqa: ANN001
             if call not in calls:
                 calls.append(call)
 
+    if isinstance(fn, torch.nn.Module):  # a fresh copy: no eager route kept from a warm-up
+        fn = copy.deepcopy(fn)
     log = logging.getLogger("normlab.kernels")
     handler, level, propagate = Collect(), log.level, log.propagate
     log.addHandler(handler)

@@ -4,8 +4,10 @@
 layers call (batch statistics, or statistics from elsewhere: running estimates, other
 processes). Both go through the kernel dispatcher, whose reference path is plain
 PyTorch operations (differentiable twice, any device and dtype). Under a program
-transform (``torch.compile``, ``torch.export``, ``torch.func``, ``torch.jit.trace``)
-calls take the reference path directly: the transform sees ATen operations only.
+transform (``torch.export``, ``torch.func``, ``torch.jit.trace``) calls take the
+reference path directly: the transform sees ATen operations only; under
+``torch.compile`` they take ATen's own normalization kernel where one is exact (what
+torch.nn's layers hand Inductor), else the reference path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from normlab.errors import check_floating
 from normlab.kernels import dispatch, reference
 from normlab.kernels.reference import Derive
-from normlab.kernels.transforms import traced
+from normlab.kernels.transforms import traced, transform
 from normlab.moments import Moments, from_stats
 from normlab.pattern import Plan, plan
 
@@ -85,7 +87,7 @@ def normalize_batch(
     for the moments; otherwise the caller updates them from the moments.
     """
     if traced(x):
-        y, mean, var = reference.normalize_batch(x, p, weight, bias, eps, center)
+        y, mean, var = _traced_batch(x, p, weight, bias, eps, center, True, running)
     else:
         y, mean, var = dispatch.normalize_batch(x, p, weight, bias, eps, center, running=running)
     if mean is None:
@@ -103,8 +105,28 @@ def normalize_plan(
 ) -> torch.Tensor:
     """Normalize with the batch's own statistics, for layers that keep none of them."""
     if traced(x):
-        return reference.normalize_batch(x, p, weight, bias, eps, center)[0]
+        return _traced_batch(x, p, weight, bias, eps, center, False)[0]
     return dispatch.normalize_batch(x, p, weight, bias, eps, center, stats=False)[0]
+
+
+def _traced_batch(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+    stats: bool,
+    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A batch-statistics call under a transform: under ``torch.compile`` ATen's kernel
+    where one is exact (torch.nn's own operators), else the reference decomposition."""
+    if transform(x) == "compile":
+        passes = dispatch.compile_kernel(x, p, weight, bias, center)
+        if passes is not None:
+            y, _, mean, var = passes.forward(x, eps, center, stats, running)
+            return y, mean, var
+    return reference.normalize_batch(x, p, weight, bias, eps, center)
 
 
 def normalize_with(
@@ -119,6 +141,11 @@ def normalize_with(
     """Normalize with given statistics of `p.kept_shape` (running estimates, say)."""
     mean, var = p.to_stats(mean), p.to_stats(var)
     if traced(x):
+        passes = None
+        if transform(x) == "compile":
+            passes = dispatch.compile_kernel(x, p, weight, bias, True, "given")
+        if passes is not None and not (mean.requires_grad or var.requires_grad):
+            return passes.apply(x, mean, var, eps)[0]
         return reference.normalize_with(x, p, mean, var, weight, bias, eps)
     return dispatch.normalize_with(x, p, mean, var, weight, bias, eps)
 

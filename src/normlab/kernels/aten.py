@@ -16,6 +16,7 @@ Each recognizer returns the passes of its kernel for the call, or None.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,20 @@ def _mixed_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype in allowed for t in params)
 
 
+#: A direct call of one ATen kernel with the layer's own (flat) parameters:
+#: ``(x, weight, bias, eps) -> y``, no statistics (see :mod:`normlab.layers.routes`).
+Kernel = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor]
+
+
 @dataclass(slots=True)
 class LayerNormPasses:
-    """``native_layer_norm`` over the trailing dims of the input permuted to memory order."""
+    """``native_layer_norm`` over the trailing dims of the input permuted to memory order.
+
+    With `copy` the permuted input is not contiguous (LayerNorm2d on NCHW data): ATen
+    reads it through a contiguous copy and the output is copied back to the input's
+    layout, which only pays on small inputs (one kernel instead of the reference path's
+    several).
+    """
 
     p: Plan
     order: tuple[int, ...]
@@ -85,9 +97,10 @@ class LayerNormPasses:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     device: str = "cpu"
+    copy: bool = False
 
     name = "aten"
-    kernel = "layer_norm"
+    op = "layer_norm"
     differentiable = True
 
     def rebind(
@@ -99,7 +112,8 @@ class LayerNormPasses:
         return dataclasses.replace(self, weight=w, bias=b)
 
     def describe(self) -> str:
-        return f"{self.device} (aten): native_layer_norm"
+        how = " on a contiguous copy (small input)" if self.copy else ""
+        return f"{self.device} (aten): native_layer_norm{how}"
 
     def forward(
         self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
@@ -107,10 +121,75 @@ class LayerNormPasses:
         xm = x.permute(self.order)
         y, mean, rstd = torch.native_layer_norm(xm, self.trailing, self.weight, self.bias, eps)
         return (
-            y.permute(self.inverse),
+            _back(y, x, self.inverse, self.copy),
             (mean, rstd),
             *_stats(mean, rstd, eps, self.p, stats, self.inverse),
         )
+
+    def kernel(self) -> Kernel:
+        """``torch.layer_norm`` on the permuted view, for a layer's eager route."""
+        order, inverse, trailing, copy = self.order, self.inverse, self.trailing, self.copy
+        if order == tuple(range(len(order))):
+            return lambda x, w, b, eps: torch.layer_norm(x, trailing, w, b, eps)
+        return lambda x, w, b, eps: _back(
+            torch.layer_norm(x.permute(order), trailing, w, b, eps), x, inverse, copy
+        )
+
+
+def _back(y: torch.Tensor, x: torch.Tensor, inverse: tuple[int, ...], copy: bool) -> torch.Tensor:
+    """A kernel's output on the permuted view, back in `x`'s dim order (and memory layout)."""
+    y = y.permute(inverse)
+    if not copy:
+        return y
+    return y.contiguous() if x.is_contiguous() else torch.empty_like(x).copy_(y)
+
+
+@dataclass(slots=True)
+class RmsNormPasses:
+    """``rms_norm`` over the trailing dims of the input permuted to memory order (small
+    inputs: one ATen call where the reference path takes several)."""
+
+    p: Plan
+    order: tuple[int, ...]
+    inverse: tuple[int, ...]
+    trailing: tuple[int, ...]
+    weight: torch.Tensor | None
+    device: str = "cpu"
+
+    name = "aten"
+    op = "rms_norm"
+    differentiable = True
+
+    def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
+        """The same passes for another call of the same geometry (cached choice)."""
+        w = _trailing_affine(weight, list(self.order), self.trailing, len(self.order))
+        return dataclasses.replace(self, weight=w)
+
+    def describe(self) -> str:
+        return f"{self.device} (aten): rms_norm"
+
+    def forward(
+        self, x: torch.Tensor, eps: float, center: bool, stats: bool = True, running: object = None
+    ) -> Forward:
+        y = self.kernel()(x, self.weight, None, eps)
+        if not stats:
+            return y, (), None, None
+        square = x.to(_stats_dtype(x)).square().mean(self.p.reduced, keepdim=True)
+        square = square.reshape(self.p.stats_shape)
+        return y, (), torch.zeros_like(square), square
+
+    def kernel(self) -> Kernel:
+        """``torch.rms_norm`` on the permuted view, for a layer's eager route."""
+        order, inverse, trailing = self.order, self.inverse, self.trailing
+        if order == tuple(range(len(order))):
+            return lambda x, w, b, eps: torch.rms_norm(x, trailing, w, eps)
+        return lambda x, w, b, eps: torch.rms_norm(x.permute(order), trailing, w, eps).permute(
+            inverse
+        )
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def layer_norm(
@@ -118,26 +197,64 @@ def layer_norm(
     p: Plan,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    copy: bool = False,
 ) -> LayerNormPasses | None:
     """Sets that are the trailing dims *in memory order*: ``native_layer_norm`` on a view.
 
     ``... d -> ...`` on contiguous data, and also LayerNorm2d (``n c h w -> n h w``) on
     channels-last data, whose channels are contiguous: permuted to memory order, both
-    are a layer norm over the last dims, with no copy.
+    are a layer norm over the last dims, with no copy. With `copy`, also sets of single
+    dims elsewhere in memory (LayerNorm2d on NCHW data), through a copy.
     """
+    geometry = _trailing_geometry(x, p, weight, bias, copy)
+    if geometry is None:
+        return None
+    order, inverse, trailing, (w, b), copied = geometry
+    return LayerNormPasses(p, order, inverse, trailing, w, b, copy=copied)
+
+
+def rms_norm(
+    x: torch.Tensor, p: Plan, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> RmsNormPasses | None:
+    """RMS norm (no centering, no bias) over the trailing dims in memory order: ``rms_norm``."""
+    if bias is not None or not _same_dtype(x, weight):
+        return None  # torch's rms_norm takes no bias, and warns on a weight of another dtype
+    geometry = _trailing_geometry(x, p, weight, None, False)
+    if geometry is None:
+        return None
+    order, inverse, trailing, (w, _), _ = geometry
+    return RmsNormPasses(p, order, inverse, trailing, w)
+
+
+def _trailing_geometry(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    copy: bool,
+) -> tuple | None:
+    """(order, inverse, trailing shape, (weight, bias) of that shape, copied) of a layer
+    norm over the trailing dims of `x` permuted to memory order, or None."""
     k = len(p.reduced)
     if not _single_axes(p) or k == 0 or k == x.dim():
         return None
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))  # outermost first
+    copied = False
+    if set(order[-k:]) != set(p.reduced):
+        if not copy:
+            return None
+        # the kept dims first, the reduced ones last, each in memory order
+        order = [d for d in order if d not in p.reduced] + [d for d in order if d in p.reduced]
+        copied = True
     xm = x.permute(order)
-    if not xm.is_contiguous() or set(order[-k:]) != set(p.reduced):
+    if not copied and not xm.is_contiguous():
         return None
     trailing = tuple(xm.shape[-k:])
     params = [_trailing_affine(t, order, trailing, x.dim()) for t in (weight, bias)]
     if any(t is False for t in params):
         return None
     inverse = sorted(range(x.dim()), key=order.__getitem__)
-    return LayerNormPasses(p, tuple(order), tuple(inverse), trailing, *params)  # type: ignore[arg-type]
+    return tuple(order), tuple(inverse), trailing, params, copied
 
 
 def _trailing_affine(
@@ -212,7 +329,7 @@ class GroupNormPasses:
     device: str = "cpu"
 
     name = "aten"
-    kernel = "group_norm"
+    op = "group_norm"
     differentiable = True
 
     def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
@@ -233,6 +350,11 @@ class GroupNormPasses:
             x, self.weight, self.bias, n, c, hw, self.groups, eps
         )
         return y, (mean, rstd), *_stats(mean, rstd, eps, self.p, stats)
+
+    def kernel(self) -> Kernel:
+        """``torch.group_norm`` with this many groups, for a layer's eager route."""
+        groups = self.groups
+        return lambda x, w, b, eps: torch.group_norm(x, groups, w, b, eps)
 
 
 #: With a gradient, ATen's channels-last group norm (forward+backward) still beat normlab's
@@ -287,7 +409,7 @@ class BatchNormPasses:
     device: str = "cpu"
 
     name = "aten"
-    kernel = "batch_norm"
+    op = "batch_norm"
     differentiable = True
 
     def rebind(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):  # noqa: ANN201
@@ -309,8 +431,8 @@ class BatchNormPasses:
     ) -> Forward:
         # Channels at dim 1 as ATen expects; a view, so channels-last memory stays as it is.
         xc = x.movedim(self.dim, 1)
-        if running is not None and _mixed_ok(x, *running[:2]) and running[0].dim() == 1:
-            rm, rv, factor = running
+        if self.fuses_running(x, running):
+            rm, rv, factor = running  # type: ignore[misc]
             y, mean, invstd = torch.native_batch_norm(
                 xc, self.weight, self.bias, rm, rv, True, factor, eps
             )
@@ -328,6 +450,10 @@ class BatchNormPasses:
         y = torch.native_batch_norm(xc, self.weight, self.bias, m, v, False, 0.0, eps)[0]
         return y.movedim(1, self.dim), ()
 
+    def fuses_running(self, x: torch.Tensor, running: Running | None) -> bool:
+        """Whether `forward` lets ATen update these running buffers itself."""
+        return running is not None and _mixed_ok(x, *running[:2]) and running[0].dim() == 1
+
 
 def choose(
     x: torch.Tensor,
@@ -337,9 +463,14 @@ def choose(
     grad: bool,
     anywhere: bool,
     cuda: bool = False,
+    center: bool = True,
+    small: bool = False,
 ) -> object:
     """The passes of the ATen kernel that computes this batch-statistics call exactly, or
     why none is taken.
+
+    `small`: a CPU call below the kernels' size floor, where one ATen call beats the
+    reference path's several even through a copy (LayerNorm2d on NCHW data).
 
     `anywhere`: take any exact kernel (small calls, CUDA, a forced backend). Otherwise
     only where it is the faster path, as measured on 2 cores (docs/performance.md):
@@ -353,6 +484,12 @@ def choose(
 
     half = x.dtype in (torch.bfloat16, torch.float16)
     inference = not grad
+    if not center:
+        if not anywhere:
+            # torch's rms_norm is several ops on the CPU (no fused kernel), the Numba one
+            return "RMS norm at kernel sizes: the Numba kernel makes one pass"
+        rms = rms_norm(x, p, weight, bias)
+        return rms if rms is not None else "no ATen kernel for this RMS norm (trailing dims only)"
     if cuda and not _same_dtype(x, weight, bias):
         # CUDA's layer and group norm kernels take parameters of the input's dtype only
         # ("expected scalar type BFloat16 but found Float"; with a cast, bfloat16 instance
@@ -377,6 +514,9 @@ def choose(
         return passes
     passes = batch_norm(x, p, weight, bias)
     if passes is None:
+        copied = layer_norm(x, p, weight, bias, copy=True) if small else None
+        if copied is not None:
+            return copied
         return f"pattern '{p.pattern.text}' is not one of ATen's (batch, group, layer norm)"
     channels_first = x.movedim(p.kept[0], 1).is_contiguous()
     if anywhere or half or not channels_first:
@@ -395,7 +535,7 @@ class ForwardOnly:
     bias: torch.Tensor | None
 
     name = "aten"
-    kernel = "layer_norm"
+    op = "layer_norm"
 
     def describe(self) -> str:
         return "cpu (aten forward, numba backward): native_layer_norm"

@@ -113,8 +113,6 @@ class AtenBackend(Backend):
         refusal = _common_refusal(call)
         if refusal is not None:
             return refusal
-        if not call.center:
-            return "no ATen kernel without centering (RMS)"
         if call.stats == "derived":
             return "no ATen kernel for derived statistics"
         x, p, w, b = call.x, call.p, call.weight, call.bias
@@ -132,8 +130,9 @@ class AtenBackend(Backend):
             return dataclasses.replace(bn, device="cuda") if cuda else bn
         # Small calls: one ATen op beats the reference path's several. At kernel sizes on
         # the CPU, only where measured faster than the Numba kernels (aten.choose).
-        anywhere = cuda or call.forced or x.numel() < MIN_ELEMENTS
-        got = aten.choose(x, p, w, b, call.grad, anywhere, cuda)
+        small = x.numel() < MIN_ELEMENTS
+        anywhere = cuda or call.forced or small
+        got = aten.choose(x, p, w, b, call.grad, anywhere, cuda, call.center, small and not cuda)
         return dataclasses.replace(got, device="cuda") if cuda and not isinstance(got, str) else got
 
 

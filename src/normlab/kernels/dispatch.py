@@ -12,11 +12,15 @@ reference path is forced.
 Under a transform (:func:`normlab.kernels.transforms.transform`) the path follows what
 the transform can see: ``torch.export``, ONNX export, ``torch.func``, ``torch.fx`` and
 ``torch.jit`` get the reference decomposition (graphs of ATen operators only); under
-``torch.compile`` see :data:`COMPILE_OPERATOR`.
+``torch.compile`` a call takes ATen's own kernel where one computes it exactly
+(:func:`compile_kernel`: torch.nn's operators, which Inductor decomposes with
+hand-written backward formulas), else the reference decomposition. Both measured
+faster there than the ``normlab::`` custom operators (``benchmarks/compile_path.py``),
+which are opaque to Inductor's fusion.
 
 Force the reference path with ``with normlab.kernels.use_reference(): ...``, with
 ``normlab.kernels.set_reference(True)``, or with the environment variable
-``NORMLAB_REFERENCE=1``; force one backend with :func:`use_backend`. See the choice with
+``NORMLAB_REFERENCE=1`` (read when normlab is imported); force one backend with :func:`use_backend`. See the choice with
 :func:`explain_dispatch` or the ``normlab.kernels`` logger at DEBUG level.
 
 Example:
@@ -28,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -37,6 +42,7 @@ import torch
 
 from normlab.kernels import aten, backends, function, reference, transforms
 from normlab.kernels.backends import KERNEL_DTYPES, MIN_ELEMENTS, Call, Choice, available
+from normlab.kernels.function import Passes
 from normlab.pattern import Plan, plan
 
 log = logging.getLogger("normlab.kernels")
@@ -55,16 +61,13 @@ __all__ = [
     "use_reference",
 ]
 
-#: Under ``torch.compile``, the families that take the ``normlab::`` custom operators;
-#: every other call takes the plain-ATen decomposition (the reference path), which
-#: Inductor fuses with its neighbours. Chosen by measurement: a conv → norm → ReLU block
-#: at 8×32×32×32 float32, forward+backward on 2 CPU cores, median of 30 interleaved runs
-#: in one process (``benchmarks/compile_path.py``), operator time / decomposition time:
-#: batch norm 0.77, group norm 1.01, LayerNorm2d 1.01, RMS norm over (C, H, W) 1.03.
-COMPILE_OPERATOR = frozenset({"batch norm"})
-
 _forced = threading.local()
-_global = {"reference": False, "native": True}
+#: The process-wide switches; ``NORMLAB_REFERENCE=1`` in the environment when normlab is
+#: imported starts with the reference path forced (read once: every call asks the switches)
+_global = {
+    "reference": os.environ.get("NORMLAB_REFERENCE", "") not in ("", "0"),
+    "native": True,
+}
 BACKEND_NAMES = ("aten", "numba", "triton", "reference")
 
 
@@ -99,7 +102,15 @@ def use_reference(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        _forced.value = previous
+        _restore("value", previous)
+
+
+def _restore(name: str, previous: object) -> None:
+    # An attribute left at None would still count as a switch in `defaults_in_force`.
+    if previous is None:
+        _forced.__dict__.pop(name, None)
+    else:
+        setattr(_forced, name, previous)
 
 
 def reference_forced() -> bool:
@@ -107,7 +118,7 @@ def reference_forced() -> bool:
     local = getattr(_forced, "value", None)
     if local is not None:
         return local
-    return _global["reference"] or os.environ.get("NORMLAB_REFERENCE", "") not in ("", "0")
+    return _global["reference"]
 
 
 @contextlib.contextmanager
@@ -136,7 +147,14 @@ def use_backend(name: str, *, threads: int | None = None) -> Iterator[None]:
         else:
             yield
     finally:
-        _forced.backend = previous
+        _restore("backend", previous)
+
+
+def defaults_in_force() -> bool:
+    """True when no switch is in force: no backend or reference path forced (context,
+    global or environment) and ATen's kernels allowed. A layer's eager routes
+    (:mod:`normlab.layers.routes`) hold only then."""
+    return not _forced.__dict__ and _global["native"] and not _global["reference"]
 
 
 def forced_backend() -> tuple[str, int | None] | None:
@@ -226,43 +244,81 @@ def _choose_uncached(call: Call, forced: tuple[str, int | None] | None) -> Choic
     return backends.choose(call, only)
 
 
-class OperatorPath:
-    """Under torch.compile: the call goes to a ``normlab::`` operator (:mod:`.ops`)."""
+def eager_kernel(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+    stats: str = "batch",
+) -> Passes | None:
+    """The ATen passes that serve this eager call both with and without a gradient, or
+    None: another backend, the reference path, a switch in force, or a choice that
+    depends on the gradient. What a layer's eager route (:mod:`normlab.layers.routes`)
+    may call directly, with the same result as the full path.
+    """
+    if not defaults_in_force() or transforms.traced(x, weight, bias):
+        return None
+    got = []
+    for grad in (False, True):
+        choice = backends.choose(Call(x, p, weight, bias, eps, center, stats, grad))
+        if choice.backend != "aten" or not getattr(choice.passes, "differentiable", False):
+            return None
+        got.append(choice.passes)
+    return got[0] if type(got[0]) is type(got[1]) else None
 
-    name = "operator"
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-
-    def describe(self) -> str:
-        return (
-            f"operator (normlab::…, {self.backend}): under torch.compile, measured faster "
-            "than the decomposition for batch norm"
-        )
+def serves_derived(x: torch.Tensor, p: Plan) -> bool:
+    """Whether a kernel backend (not the reference path) serves an eager call of
+    derived statistics over `p` (the hybrids' one-pass path)."""
+    return _choose(_call(x, p, None, None, 0.0, True, "derived"), "eager").passes is not None
 
 
-def _family(p: Plan) -> str:
-    """The family of a plan, for the compile-path table (geometry, not a layer's name)."""
-    single = all(len(members) == 1 for members in p.input_dims)
-    if single and len(p.kept) == 1 and p.kept[0] != 0:
-        return "batch norm"
-    return "other"
+def compile_kernel(
+    x: torch.Tensor,
+    p: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    center: bool,
+    stats: str = "batch",
+) -> Passes | None:
+    """Under ``torch.compile``: ATen's passes where one of its kernels computes the call
+    exactly (batch, group, layer, RMS norm), else None (the reference decomposition).
+
+    These are torch.nn's own operators, so Inductor sees what it sees for torch.nn's
+    layers (``native_batch_norm``, ``native_layer_norm``, ``native_group_norm`` with their
+    hand-written backward decompositions) and fuses them with their neighbours. No size
+    enters the choice, so a dynamic batch does not specialize.
+    """
+    if x.dtype not in KERNEL_DTYPES or reference_forced():
+        return None
+    if not aten._mixed_ok(x, weight, bias) or not all(
+        t is None or (t.device == x.device and t.is_floating_point()) for t in (weight, bias)
+    ):
+        return None
+    cuda = x.device.type == "cuda"
+    if stats == "given":
+        passes = aten.batch_norm(x, p, weight, bias)
+    else:
+        # with a gradient, half-precision layer norm with an affine is refused as in eager
+        # (ATen's γ/β gradients are too coarse there): the decomposition, in float32
+        grad = function._needs_grad(x, weight, bias)
+        passes = aten.choose(x, p, weight, bias, grad, True, cuda, center)
+    if not getattr(passes, "differentiable", False):
+        return None
+    return dataclasses.replace(passes, device="cuda") if cuda else passes  # type: ignore[arg-type]
 
 
 def _under_transform(mode: str, call: Call | None = None) -> Choice:
-    if mode == "compile" and call is not None and _family(call.p) in COMPILE_OPERATOR:
-        ok = (
-            call.device_type == "cpu"
-            and available("numba")
-            and call.x.dtype in KERNEL_DTYPES
-            and not call.stats_grad
-            and call.stats != "derived"
-        )
-        if ok:
-            return Choice("operator", OperatorPath("numba"), ())  # type: ignore[arg-type]
+    if mode == "compile" and call is not None and call.stats != "derived" and not call.stats_grad:
+        passes = compile_kernel(call.x, call.p, call.weight, call.bias, call.center, call.stats)
+        if passes is not None:
+            why = "under torch.compile ATen's own kernel (torch.nn's operator), where exact"
+            return Choice("aten", passes, (("transform", why),))
     why = {
-        "compile": "under torch.compile the plain-ATen decomposition (Inductor fuses it "
-        "with its neighbours; measured as fast as the custom operators)",
+        "compile": "under torch.compile the plain-ATen decomposition (no ATen kernel computes "
+        "this pattern; Inductor fuses it with its neighbours)",
         "export": "under torch.export the graph holds ATen operators only",
         "func": "under torch.func the decomposition (its transforms see through it)",
         "fx": "under torch.fx tracing the graph holds ATen operators only",
@@ -310,7 +366,9 @@ def explain_dispatch(
     if choice.passes is not None or len(choice.refusals) > 1:
         last = None if choice.passes is not None else choice.refusals[-1]
         lines += [
-            f"  {name} refused: {why}" for name, why in choice.refusals if (name, why) != last
+            f"  {why}" if name == "transform" else f"  {name} refused: {why}"
+            for name, why in choice.refusals
+            if (name, why) != last
         ]
     return "\n".join(lines)
 
@@ -339,13 +397,6 @@ def normalize_batch(
     """
     choice = _choose(_call(x, p, weight, bias, eps, center, "batch"))
     _log("normalize_batch", p, x, choice)
-    if choice.backend == "operator":
-        from normlab.kernels import ops
-
-        y, mean, var, _ = torch.ops.normlab.batch_forward(
-            x, weight, bias, ops.plan_spec(p), eps, center, choice.passes.backend
-        )
-        return y, mean, var
     if choice.passes is None:
         return reference.normalize_batch(x, p, weight, bias, eps, center)
     xin = backends._dense(x)
@@ -367,12 +418,6 @@ def normalize_with(
     stats_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
     choice = _choose(_call(x, p, weight, bias, eps, True, "given", stats_grad))
     _log("normalize_with", p, x, choice)
-    if choice.backend == "operator":
-        from normlab.kernels import ops
-
-        return torch.ops.normlab.given_forward(
-            x, weight, bias, mean, var, ops.plan_spec(p), eps, choice.passes.backend
-        )
     if choice.passes is None:
         return reference.normalize_with(x, p, mean, var, weight, bias, eps)
     return function.normalize_with(

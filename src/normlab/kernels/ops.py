@@ -16,8 +16,10 @@ formula, so ``torch.compile(fullgraph=True)`` sees a well-formed operator:
 or ``"triton"``; a call the backend refuses (no canonical form, sets of one element)
 is computed by the reference path inside the operator, so a traced graph never fails. Eager calls do not go through them: a custom-operator call costs
 20–40 µs on the CPU, more than a small normalization; the dispatcher calls the passes
-directly there. Under ``torch.compile`` the dispatcher's :data:`~.dispatch.COMPILE_OPERATOR`
-decides between them and the reference decomposition, by measurement (see there).
+directly there. Under ``torch.compile`` the dispatcher takes ATen's kernels or the
+reference decomposition instead, which measured faster than these operators in a
+conv → norm → ReLU block (``benchmarks/compile_path.py``); the operators stay for
+``torch.library.opcheck`` and for graphs that call them explicitly.
 
 Example:
     >>> x = torch.randn(8, 4, 16, 16)

@@ -12,7 +12,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normlab.kernels.aten import BatchNormPasses
+from normlab.kernels.dispatch import eager_kernel
 from normlab.kernels.transforms import fx_leaf
+from normlab.layers import routes
 from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
@@ -26,7 +29,7 @@ from normlab.layers.running import RunningStatsMixin
 from normlab.pattern import plan
 
 
-class _BatchNormForward(RunningStatsMixin):
+class _BatchNormForward(routes.Routed, RunningStatsMixin):
     _ranks: tuple[int, ...] | None = None
 
     def _setup(self, channel_axis: int, per_activation: bool = False) -> None:
@@ -42,8 +45,11 @@ class _BatchNormForward(RunningStatsMixin):
             return "n ... -> ..."
         return "n c ... -> c" if self.channel_axis == 1 else "n ... c -> c"
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, _BatchNormForward._full_forward, self._route)
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_activation:
             check_input(self, x, self._ranks)
             if tuple(x.shape[1:]) != tuple(
@@ -61,11 +67,56 @@ class _BatchNormForward(RunningStatsMixin):
         p = plan(self.pattern(), x.shape)
         return self._forward_tracked(x, p, p, weight, bias)
 
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        """ATen's batch norm with this layer's buffers, where the full path takes it."""
+        if self.per_activation:
+            return None
+        axis = self.channel_axis % x.dim()
+        weight = channel_view(self.weight, x.dim(), axis)
+        bias = channel_view(self.bias, x.dim(), axis)
+        batch = self._uses_batch_stats()
+        p = plan(self.pattern(), x.shape)
+        passes = eager_kernel(x, p, weight, bias, self.eps, True, "batch" if batch else "given")
+        if not isinstance(passes, BatchNormPasses):
+            return None
+        if not batch:
+            return _moved(_bn_given, axis)
+        if not (self.training and self.track_running_stats):
+            return _moved(_bn_batch, axis)
+        running = (self.running_mean, self.running_var, 0.0)
+        return _moved(_bn_tracked, axis) if passes.fuses_running(x, running) else None
+
     def extra_repr(self) -> str:
         extra = super().extra_repr()
         if self.channel_axis != 1:
             extra += f", channel_axis={self.channel_axis}"
         return extra + (", per_activation=True" if self.per_activation else "")
+
+
+def _bn_tracked(m: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    # training: ATen updates the running buffers (unbiased variance), as torch.nn's layer
+    m.num_batches_tracked.add_(1)
+    factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    return torch.batch_norm(
+        x, m.weight, m.bias, m.running_mean, m.running_var, True, factor, m.eps, False
+    )
+
+
+def _bn_batch(m: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps, False)
+
+
+def _bn_given(m: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.batch_norm(
+        x, m.weight, m.bias, m.running_mean, m.running_var, False, 0.0, m.eps, False
+    )
+
+
+def _moved(route: routes.Route, axis: int) -> routes.Route:
+    """`route` for channels at dim `axis` (ATen takes them at dim 1)."""
+    if axis == 1:
+        return route
+    return lambda m, x: route(m, x.movedim(axis, 1)).movedim(1, axis)
 
 
 def _init(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.dispatch import eager_kernel
 from normlab.kernels.transforms import fx_leaf
+from normlab.layers import routes
 from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
@@ -26,7 +28,7 @@ def resolve_groups(num_groups: int | None, num_channels: int, group_size: int | 
     return check_groups(num_channels, num_groups, group_size, "GroupNorm")
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(routes.Routed, nn.GroupNorm):
     """Drop-in ``torch.nn.GroupNorm``, also by ``group_size=`` and on channels-last data.
 
     Example:
@@ -58,13 +60,21 @@ class GroupNorm(nn.GroupNorm):
         """The statistics pattern of this layer (any input rank); size ``g`` is `num_groups`."""
         return "n (g k) ... -> n g" if self.channel_axis == 1 else "n ... (g k) -> n g"
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, GroupNorm._full_forward, self._route)
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_plan(x, *self._resolve(x), self.eps)
+
+    def _resolve(self, x: torch.Tensor) -> tuple:
         axis = check_input(self, x, None, self.num_channels, self.channel_axis)
         p = plan(self.pattern(), x.shape, g=self.num_groups)
         weight = channel_view(self.weight, x.dim(), axis)
-        bias = channel_view(self.bias, x.dim(), axis)
-        return normalize_plan(x, p, weight, bias, self.eps)
+        return p, weight, channel_view(self.bias, x.dim(), axis)
+
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        return routes.kernel_route(eager_kernel(x, *self._resolve(x), self.eps, True))
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

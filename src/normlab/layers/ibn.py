@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.kernels.transforms import fx_leaf
+from normlab.kernels.dispatch import serves_derived
+from normlab.kernels.transforms import fx_leaf, transform
+from normlab.layers import routes
 from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import (
     channel_view,
@@ -51,7 +53,7 @@ def ibn_split(planes: int, ratio: float) -> tuple[int, int]:
     return half, planes - half
 
 
-class IBN(nn.Module):
+class IBN(routes.Routed, nn.Module):
     """IBN-a layer: ``IN`` (affine instance norm) on the first channels, ``BN`` on the rest.
 
     Example:
@@ -87,8 +89,54 @@ class IBN(nn.Module):
         else:
             self.BN = BatchNorm(rest, **options)
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, IBN._full_forward, self._route)
+
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        """The split path (whose halves have routes of their own), where the full path
+        takes it; not a synchronized BN half (its statistics are the group's)."""
+        p = self._plan(x)
+        if self.sync or not self._splits(x, p):
+            return None
+        whole = self._one_pass(x, p)
+        return lambda m, x: m._split(x, whole)
+
+    def _plan(self, x: torch.Tensor) -> Plan:
+        return plan("n c ... -> n c" if self.channel_axis == 1 else "n ... c -> n c", x.shape)
+
+    def _splits(self, x: torch.Tensor, p: Plan) -> bool:
+        """Whether the halves are normalized apart (split, two layers, concatenate) rather
+        than in one pass: when one pass cannot serve both; in eager below the kernels'
+        size floor (two ATen kernels beat the one-pass reference path's many small ops);
+        under torch.compile (Inductor's code for the halves' ATen kernels measured
+        faster than for the one-pass decomposition, see docs/performance.md)."""
+        if x.numel() == 0 or not self._one_pass(x, p):
+            return True
+        mode = transform(x)
+        return mode == "compile" or (mode == "eager" and not serves_derived(x, p))
+
+    def _split(self, x: torch.Tensor, whole: bool) -> torch.Tensor:
+        """IN on the first channels, BN on the rest, concatenated; `whole`: both halves
+        are the plain layers and the input valid for both (see :meth:`_one_pass`)."""
+        axis = self.channel_axis % x.dim()
+        first, rest = torch.split(
+            x, [self.instance_channels, self.planes - self.instance_channels], dim=axis
+        )
+        if transform(x) == "eager":  # dense halves: the layers' ATen kernels take them
+            first, rest = _dense_like(first, x), _dense_like(rest, x)
+        IN = self.IN  # noqa: N806
+        if whole and axis == 1 and first.is_contiguous():
+            # the release's instance norm (ATen's, batch norm over an (1, N·C, ...) view):
+            # unlike group norm's kernel it stays finite when x² overflows (|x| ~ 1e30)
+            first = torch.instance_norm(
+                first, IN.weight, IN.bias, None, None, True, 0.0, IN.eps, False
+            )
+        else:
+            first = IN(first)
+        return torch.cat([first, self.BN(rest)], dim=axis)
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.planes, axis)
         if x.dim() < 3:
@@ -96,12 +144,9 @@ class IBN(nn.Module):
                 f"{describe(self)}: expected input of at least 3 dims (N, C, positions...), "
                 f"got shape {tuple(x.shape)}"
             )
-        p = plan("n c ... -> n c" if axis == 1 else "n ... c -> n c", x.shape)
-        if x.numel() == 0 or not self._one_pass(x, p):  # each half handles an empty batch
-            first, rest = torch.split(
-                x, [self.instance_channels, self.planes - self.instance_channels], dim=axis
-            )
-            return torch.cat([self.IN(first), self.BN(rest)], dim=axis)
+        p = self._plan(x)
+        if self._splits(x, p):  # each half handles an empty batch
+            return self._split(x, x.numel() > 0 and self._one_pass(x, p))
         half, bn = self.instance_channels, self.BN
         use_batch = bn._uses_batch_stats()
         tracked: list[Moments] = []  # the BN half's batch moments, for its buffers
@@ -162,6 +207,13 @@ class IBN(nn.Module):
         text = f"{self.planes}, ratio={self.ratio}"
         text += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
         return text + (", sync=True" if self.sync else "")
+
+
+def _dense_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`t` (a slice of `x`) dense, in `x`'s memory format."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 class IBNb(InstanceNorm):

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normlab.kernels.dispatch import eager_kernel
 from normlab.kernels.transforms import fx_leaf
+from normlab.layers import routes
 from normlab.layers.checks import channel_view, check_channel_axis, check_input, drop_bias
 from normlab.layers.running import RunningStatsMixin
 from normlab.moments import Moments
@@ -25,7 +27,7 @@ def instance_to_running(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
     return m.mean.mean(0), m.unbiased_var().mean(0)
 
 
-class _InstanceNormForward(RunningStatsMixin):
+class _InstanceNormForward(routes.Routed, RunningStatsMixin):
     _ranks: tuple[int, ...] | None = None
     _one_value = "spatial element"
 
@@ -36,8 +38,20 @@ class _InstanceNormForward(RunningStatsMixin):
         """The statistics pattern of this layer (any input rank)."""
         return "n c ... -> n c" if self.channel_axis == 1 else "n ... c -> n c"
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, _InstanceNormForward._full_forward, self._route)
+
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        """ATen's group norm (G = C) where the full path takes it; not with running
+        statistics, which the full path updates."""
+        if self.track_running_stats or x.dim() < 3 or self.channel_axis != 1:
+            return None
+        p = plan(self.pattern(), x.shape)
+        weight, bias = channel_view(self.weight, x.dim(), 1), channel_view(self.bias, x.dim(), 1)
+        return routes.kernel_route(eager_kernel(x, p, weight, bias, self.eps, True))
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(x, torch.Tensor) and self._ranks and x.dim() == self._ranks[0] - 1
         if unbatched and x.dim() >= 2:
             return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched (C, ...) input, as torch

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.kernels.dispatch import eager_kernel
 from normlab.kernels.transforms import fx_leaf
+from normlab.layers import routes
 from normlab.layers.checks import (
     channel_view,
     check_channel_axis,
@@ -25,7 +27,7 @@ from normlab.normalize import normalize_plan
 from normlab.pattern import plan
 
 
-class _FeatureNormForward:
+class _FeatureNormForward(routes.Routed):
     """Shared forward of LayerNorm and RMSNorm; `center` tells them apart."""
 
     center = True
@@ -48,8 +50,20 @@ class _FeatureNormForward:
     def _eps(self, x: torch.Tensor) -> float:
         return self.eps
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, _FeatureNormForward._full_forward, self._route)
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, weight, bias = self._resolve(x)
+        return normalize_plan(x, p, weight, bias, self._eps(x), self.center)
+
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        p, weight, bias = self._resolve(x)
+        eps = self._eps(x)  # fixed for the route's dtype (RMSNorm's eps=None depends on it)
+        return routes.kernel_route(eager_kernel(x, p, weight, bias, eps, self.center), eps)
+
+    def _resolve(self, x: torch.Tensor) -> tuple:
         weight = getattr(self, "weight", None)
         bias = getattr(self, "bias", None)
         if self.channel_axis == 1:
@@ -63,8 +77,7 @@ class _FeatureNormForward:
                     f"{describe(self)}: expected input of shape "
                     f"(*, {', '.join(map(str, self.normalized_shape))}), got {tuple(x.shape)}"
                 )
-        p = plan(self.pattern(), x.shape)
-        return normalize_plan(x, p, weight, bias, self._eps(x), self.center)
+        return plan(self.pattern(), x.shape), weight, bias
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from normlab.kernels.transforms import traced
+from normlab.kernels.transforms import transform
 from normlab.layers.checks import check_training_batch
 from normlab.moments import Moments
 from normlab.normalize import normalize_batch, normalize_with
@@ -89,7 +89,10 @@ class RunningStatsMixin:
         tracking = self.training and self.track_running_stats
         running = None
         fused = to_running is batch_to_running and batch_plan is running_plan
-        if tracking and fused and not traced(x):
+        mode = transform(x)
+        # under compile only with a fixed momentum (a cumulative average reads the counter)
+        updates = mode == "eager" or (mode == "compile" and self.momentum is not None)
+        if tracking and fused and updates:
             # batch norm: a kernel may update the buffers as it goes (ATen's does)
             running = (self.running_mean, self.running_var, self._factor(1))
         y, batch = normalize_batch(x, batch_plan, weight, bias, self.eps, running=running)
