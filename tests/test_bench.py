@@ -194,7 +194,11 @@ def test_measure_a_hybrid_on_a_tiny_shape(kind, channels_last, dtype):
     for key in ("copy", "torch", "normlab", "torch_fb", "normlab_fb"):
         assert result[key] > 0
     assert result["saved_normlab"] >= 0 and result["saved_torch"] > 0
-    assert "->" in result["path"]  # what the dispatcher chose, pattern by pattern
+    if kind == "bin" and dtype == "fp32" and not channels_last:
+        # tiny float32 NCHW: ATen's batch and instance norm mixed by the gate, no dispatch
+        assert result["path"] == "no dispatcher call (the layer's own torch ops)"
+    else:
+        assert "->" in result["path"]  # what the dispatcher chose, pattern by pattern
     assert len(bench.row(case, result)) == len(bench.COLUMNS)
 
 

@@ -40,6 +40,11 @@ ROUTED = [
     ("ln2d-cl", lambda: normlab.LayerNorm2d(16), SMALL, torch.channels_last),
     ("rms", lambda: normlab.RMSNorm([16, 8, 8]), SMALL, None),
     ("rms-eps", lambda: normlab.RMSNorm(32, eps=1e-3), (3, 7, 32), None),
+    # hybrids below the kernels' size floor: ATen's kernels for the parts
+    ("ibn", lambda: normlab.IBN(16), SMALL, None),
+    ("ibn-cl", lambda: normlab.IBN(16), SMALL, torch.channels_last),
+    ("bin", lambda: normlab.BatchInstanceNorm(16), SMALL, None),
+    ("bin-cumulative", lambda: normlab.BatchInstanceNorm(16, momentum=None), SMALL, None),
 ]
 
 
@@ -68,12 +73,13 @@ def _kept_routes(layer) -> list:
 
 
 # half-precision layer norm with an affine has a gradient-dependent path (ATen's forward,
-# normlab's backward): no route, see test_a_grad_dependent_choice_keeps_the_full_path
+# normlab's backward): no route, see test_a_grad_dependent_choice_keeps_the_full_path;
+# half-precision IBN and BIN keep their one-pass path (float32 inside)
 CASES = [
     pytest.param(*row, dtype, id=f"{row[0]}-{label}")
     for row in ROUTED
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
-    if not (dtype == torch.bfloat16 and row[0].startswith("ln"))
+    if not (dtype == torch.bfloat16 and row[0].startswith(("ln", "ibn", "bin")))
 ]
 
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.kernels.transforms import fx_leaf
+from normlab.kernels.aten import _mixed_ok
+from normlab.kernels.dispatch import serves_derived
+from normlab.kernels.transforms import fx_leaf, transform
+from normlab.layers import routes
 from normlab.layers.checks import channel_view, check_input, check_training_batch, describe
 from normlab.layers.running import empty_batch
 from normlab.layers.tracked import TrackedNorm
@@ -29,7 +32,7 @@ from normlab.pattern import plan
 from normlab.sync import group_moments, synchronizing
 
 
-class BatchInstanceNorm(TrackedNorm):
+class BatchInstanceNorm(routes.Routed, TrackedNorm):
     """Batch-Instance norm of any rank ≥ 3; state_dict keys as the official release.
 
     Keys: ``weight``, ``bias``, ``gate``, ``running_mean``, ``running_var``,
@@ -83,8 +86,53 @@ class BatchInstanceNorm(TrackedNorm):
             return "n c ... -> c", "n c ... -> n c"
         return "n ... c -> c", "n ... c -> n c"
 
-    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routes.forward(self, x, BatchInstanceNorm._full_forward, self._route)
+
+    def _route(self, x: torch.Tensor) -> routes.Route | None:
+        # not with sync=True: whether it synchronizes depends on torch.distributed's state
+        return BatchInstanceNorm._composed if not self.sync and self._composes(x) else None
+
+    def _composes(self, x: torch.Tensor) -> bool:
+        """Whether this call takes ATen's batch and instance norm mixed by the gate (the
+        release's formulation) instead of the one-pass path: in eager, below the kernels'
+        size floor, where the one-pass reference path's many small ops cost more; on
+        contiguous channels-first float32/64 data (ATen's half-precision kernels lose
+        digits far from zero), buffers ATen can update, not synchronizing."""
+        if x.dtype not in (torch.float32, torch.float64) or synchronizing(self):
+            return False
+        if self.channel_axis != 1 or not x.is_contiguous() or x.numel() == 0:
+            return False
+        if transform(x) != "eager" or serves_derived(x, plan(self.patterns()[1], x.shape)):
+            return False
+        return not self.track_running_stats or _mixed_ok(x, self.running_mean, self.running_var)
+
+    def _composed(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_batch_stats():
+            running = self.running_mean, self.running_var
+            factor = 0.0
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                factor = self._factor()
+            else:
+                running = None, None
+            batch = torch.batch_norm(x, None, None, *running, True, factor, self.eps, False)
+        else:
+            batch = torch.batch_norm(
+                x, None, None, self.running_mean, self.running_var, False, 0.0, self.eps, False
+            )
+        inst = torch.instance_norm(x, None, None, None, None, True, 0.0, self.eps, False)
+        compute = stats_dtype(x.dtype)  # the mixture in float32 at least
+        rho = channel_view(self.gate.to(compute).clamp(0, 1), x.dim(), 1)
+        y = torch.lerp(inst.to(compute), batch.to(compute), rho)  # ρ·x̂_BN + (1 − ρ)·x̂_IN
+        if self.weight is not None:
+            y = torch.addcmul(
+                channel_view(self.bias, x.dim(), 1), y, channel_view(self.weight, x.dim(), 1)
+            )
+        return y.to(x.dtype)
+
+    @fx_leaf
+    def _full_forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis % max(x.dim(), 1)
         check_input(self, x, None, self.num_features, axis)
         if x.dim() < 3:
@@ -97,6 +145,9 @@ class BatchInstanceNorm(TrackedNorm):
             weight, bias = (channel_view(t, x.dim(), axis) for t in (self.weight, self.bias))
             return empty_batch(self, x, weight, bias)
         check_training_batch(self, x, ip.set_size, "spatial element")
+        if self._composes(x):
+            check_training_batch(self, x, x.numel() // x.shape[1], "value per channel")
+            return self._composed(x)
         use_batch, synced = self._uses_batch_stats(), synchronizing(self)
         tracked: list[Moments] = []  # the batch moments normalized with, for the buffers
 

@@ -113,7 +113,11 @@ class IBN(routes.Routed, nn.Module):
         if x.numel() == 0 or not self._one_pass(x, p):
             return True
         mode = transform(x)
-        return mode == "compile" or (mode == "eager" and not serves_derived(x, p))
+        if mode == "compile":
+            return True
+        # float32/64 only: ATen's half-precision instance norm loses digits far from zero
+        full = x.dtype in (torch.float32, torch.float64)
+        return mode == "eager" and full and not serves_derived(x, p)
 
     def _split(self, x: torch.Tensor, whole: bool) -> torch.Tensor:
         """IN on the first channels, BN on the rest, concatenated; `whole`: both halves
@@ -125,7 +129,7 @@ class IBN(routes.Routed, nn.Module):
         if transform(x) == "eager":  # dense halves: the layers' ATen kernels take them
             first, rest = _dense_like(first, x), _dense_like(rest, x)
         IN = self.IN  # noqa: N806
-        if whole and axis == 1 and first.is_contiguous():
+        if whole and axis == 1 and x.is_contiguous():  # its output is contiguous
             # the release's instance norm (ATen's, batch norm over an (1, N·C, ...) view):
             # unlike group norm's kernel it stays finite when x² overflows (|x| ~ 1e30)
             first = torch.instance_norm(
