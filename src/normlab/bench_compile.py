@@ -51,8 +51,9 @@ def _pair(kind: str, shape: tuple[int, ...], block: bool):  # noqa: ANN202
     return ref, mine
 
 
-def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, interleaved, each timed call after an untimed one."""
+def _times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repetition, interleaved (one of each in turn), each
+    timed call after an untimed one."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
@@ -60,7 +61,13 @@ def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _ratio(times: dict[str, list[float]], mine: str, theirs: str) -> float:
+    """Median of the ratios of neighbouring repetitions: a slow moment of the machine
+    falls on both sides of each ratio, so this is steadier than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(times[mine], times[theirs], strict=True))
 
 
 def compiled_ratios(kind: str, shape: tuple[int, ...], block: bool, repeats: int) -> dict:
@@ -83,7 +90,8 @@ def compiled_ratios(kind: str, shape: tuple[int, ...], block: bool, repeats: int
         def step():  # noqa: ANN202
             fn(xg).sum().backward()
             xg.grad = None
-            module.zero_grad(set_to_none=True)
+            if isinstance(module, torch.nn.Module):  # not normlab.normalize with torch's params
+                module.zero_grad(set_to_none=True)
 
         return step
 
@@ -91,11 +99,11 @@ def compiled_ratios(kind: str, shape: tuple[int, ...], block: bool, repeats: int
     fns |= {f"{k}_fb": both(f, m) for (k, f), m in zip(compiled.items(), (ref, mine), strict=True)}
     for fn in fns.values():  # compile outside the clock
         fn()
-    t = _time(fns, repeats)
+    t = _times(fns, repeats)
     return {
-        "fwd": t["normlab"] / t["torch"],
-        "fb": t["normlab_fb"] / t["torch_fb"],
-        "torch_fb_ms": t["torch_fb"] * 1e3,
+        "fwd": _ratio(t, "normlab", "torch"),
+        "fb": _ratio(t, "normlab_fb", "torch_fb"),
+        "torch_fb_ms": statistics.median(t["torch_fb"]) * 1e3,
     }
 
 
@@ -114,8 +122,9 @@ def eager_call_cost(kind: str, repeats: int) -> dict:
 
         return step
 
-    t = _time({"torch": many(ref), "normlab": many(mine)}, repeats)
-    return {k: v / calls * 1e6 for k, v in t.items()}
+    t = _times({"torch": many(ref), "normlab": many(mine)}, repeats)
+    out = {k: statistics.median(v) / calls * 1e6 for k, v in t.items()}
+    return out | {"ratio": _ratio(t, "normlab", "torch")}
 
 
 def run_compiled(quick: bool, wanted: list[str], repeats: int, md: bool) -> int:
@@ -149,7 +158,7 @@ def run_compiled(quick: bool, wanted: list[str], repeats: int, md: bool) -> int:
     )
     for kind in kinds:
         r = eager_call_cost(kind, repeats)
-        ratio = r["normlab"] / r["torch"]
+        ratio = r["ratio"]
         line([kind, f"{ratio:.2f}", f"{r['normlab']:.0f}", f"{r['torch']:.0f}"])
     header("the norms alone, compiled", ["case", "fwd nl/torch", "fb nl/torch"])
     chosen = [c for c in cases(quick) if c.dtype == "fp32" and not c.channels_last]

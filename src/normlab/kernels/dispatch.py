@@ -300,6 +300,8 @@ def compile_kernel(
     cuda = x.device.type == "cuda"
     if stats == "given":
         passes = aten.batch_norm(x, p, weight, bias)
+    elif center and (passes := aten.instance_norm(x, p, weight, bias)) is not None:
+        pass  # torch.nn's instance norm: Inductor's code for it beat group norm's (G = C)
     else:
         # with a gradient, half-precision layer norm with an affine is refused as in eager
         # (ATen's γ/β gradients are too coarse there): the decomposition, in float32
