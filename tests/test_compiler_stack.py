@@ -277,6 +277,8 @@ COMPILE_PATHS = [  # pattern, layout, the operator the compiled graph holds
     ("n c h w -> c", None, "native_batch_norm"),
     ("n c h w -> c", torch.channels_last, "native_batch_norm"),
     ("n (g k) h w -> n g", None, "native_group_norm"),
+    ("n c h w -> n c", None, "batch_norm"),  # instance_norm: batch norm over (1, N·C, H, W)
+    ("n c h w -> n c", torch.channels_last, "var_mean"),  # no ATen kernel keeps NHWC there
     ("n c h w -> n", None, "native_layer_norm"),  # LayerNorm over (C, H, W)
     ("n c h w -> n h w", torch.channels_last, "native_layer_norm"),  # LayerNorm2d, NHWC
     ("n c h w -> n h w", None, "var_mean"),  # LayerNorm2d on NCHW: the decomposition
@@ -292,6 +294,8 @@ def test_compiled_graph_holds_the_named_path(pattern, layout, op):
     sizes = {"g": 4} if "(g k)" in pattern else {}
     said = normlab.explain_dispatch(x, pattern, mode="compile", **sizes)
     assert said.startswith("reference" if op == "var_mean" else "cpu (aten)"), said
+    if op == "batch_norm":
+        assert said.startswith("cpu (aten): instance_norm"), said
     capture = Capture()
     f = torch.compile(lambda t: normlab.normalize(t, pattern, **sizes), backend=capture)
     f(x).sum().backward()
