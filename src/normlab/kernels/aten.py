@@ -97,7 +97,9 @@ class LayerNormPasses:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     device: str = "cpu"
-    copy: bool = False
+    #: "" (a view, no copy), or how the output is copied back: "contiguous" (the input
+    #: is), "like" (into the input's own strides)
+    copy: str = ""
 
     name = "aten"
     op = "layer_norm"
@@ -131,17 +133,21 @@ class LayerNormPasses:
         order, inverse, trailing, copy = self.order, self.inverse, self.trailing, self.copy
         if order == tuple(range(len(order))):
             return lambda x, w, b, eps: torch.layer_norm(x, trailing, w, b, eps)
+        if copy == "contiguous":  # LayerNorm2d on NCHW data: the route's one case
+            return lambda x, w, b, eps: (
+                torch.layer_norm(x.permute(order), trailing, w, b, eps).permute(inverse)
+            ).contiguous()
         return lambda x, w, b, eps: _back(
             torch.layer_norm(x.permute(order), trailing, w, b, eps), x, inverse, copy
         )
 
 
-def _back(y: torch.Tensor, x: torch.Tensor, inverse: tuple[int, ...], copy: bool) -> torch.Tensor:
+def _back(y: torch.Tensor, x: torch.Tensor, inverse: tuple[int, ...], copy: str) -> torch.Tensor:
     """A kernel's output on the permuted view, back in `x`'s dim order (and memory layout)."""
     y = y.permute(inverse)
     if not copy:
         return y
-    return y.contiguous() if x.is_contiguous() else torch.empty_like(x).copy_(y)
+    return y.contiguous() if copy == "contiguous" else torch.empty_like(x).copy_(y)
 
 
 @dataclass(slots=True)
@@ -210,7 +216,8 @@ def layer_norm(
     if geometry is None:
         return None
     order, inverse, trailing, (w, b), copied = geometry
-    return LayerNormPasses(p, order, inverse, trailing, w, b, copy=copied)
+    how = ("contiguous" if x.is_contiguous() else "like") if copied else ""
+    return LayerNormPasses(p, order, inverse, trailing, w, b, copy=how)
 
 
 def rms_norm(
