@@ -44,6 +44,10 @@ def _same(x):
     return x
 
 
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1)  # channels last as a dim order, for channel_axis=-1
+
+
 def normlab_layers(c: int, h: int, w: int) -> dict[str, tuple[nn.Module, object]]:
     """Every public layer, on an (N, C, H, W) input seen through an adapter."""
     conv = nn.Conv2d(c, c, 3, padding=1)
@@ -61,6 +65,9 @@ def normlab_layers(c: int, h: int, w: int) -> dict[str, tuple[nn.Module, object]
         "ln2d": (normlab.LayerNorm2d(c), _same),
         "gn": (normlab.GroupNorm(4, c), _same),
         "rms": (normlab.RMSNorm([h, w]), _same),
+        "bn_axis_last": (normlab.BatchNorm2d(c, channel_axis=-1), _nhwc),
+        "in_axis_last": (normlab.InstanceNorm2d(c, affine=True, channel_axis=-1), _nhwc),
+        "gn_axis_last": (normlab.GroupNorm(4, c, channel_axis=-1), _nhwc),
         "sync": (normlab.SyncBatchNorm(c), _same),
         "ibn": (normlab.IBN(c), _same),
         "ibnb": (normlab.IBNb(c), _same),
@@ -101,7 +108,10 @@ def torch_layers(c: int, h: int, w: int) -> dict[str, tuple[nn.Module, object]]:
 
 LIBRARIES = {"torch": torch_layers, "normlab": normlab_layers}
 #: Layers whose output for one sample does not depend on the others in training.
-BATCH_FREE = {"in1d", "in3d", "ln", "ln_chw", "ln2d", "gn", "rms", "frn", "evos0", "weight_norm"}
+BATCH_FREE = {
+    *("in1d", "in3d", "in_axis_last", "ln", "ln_chw", "ln2d", "gn", "gn_axis_last", "rms"),
+    *("frn", "evos0", "weight_norm"),
+}
 
 
 class Bank(nn.Module):
