@@ -20,8 +20,9 @@ which are opaque to Inductor's fusion.
 
 Force the reference path with ``with normlab.kernels.use_reference(): ...``, with
 ``normlab.kernels.set_reference(True)``, or with the environment variable
-``NORMLAB_REFERENCE=1`` (read when normlab is imported); force one backend with :func:`use_backend`. See the choice with
-:func:`explain_dispatch` or the ``normlab.kernels`` logger at DEBUG level.
+``NORMLAB_REFERENCE=1`` (read when normlab is imported); force one backend with
+:func:`use_backend`. See the choice with :func:`explain_dispatch` or the
+``normlab.kernels`` logger at DEBUG level.
 
 Example:
     >>> print(explain_dispatch(torch.randn(32, 64, 56, 56), "n c h w -> c"))
@@ -284,7 +285,8 @@ def compile_kernel(
     stats: str = "batch",
 ) -> Passes | None:
     """Under ``torch.compile``: ATen's passes where one of its kernels computes the call
-    exactly (batch, group, layer, RMS norm), else None (the reference decomposition).
+    exactly (batch, instance, group, layer, RMS norm), else None (the reference
+    decomposition).
 
     These are torch.nn's own operators, so Inductor sees what it sees for torch.nn's
     layers (``native_batch_norm``, ``native_layer_norm``, ``native_group_norm`` with their
@@ -300,13 +302,14 @@ def compile_kernel(
     cuda = x.device.type == "cuda"
     if stats == "given":
         passes = aten.batch_norm(x, p, weight, bias)
-    elif center and (passes := aten.instance_norm(x, p, weight, bias)) is not None:
-        pass  # torch.nn's instance norm: Inductor's code for it beat group norm's (G = C)
     else:
-        # with a gradient, half-precision layer norm with an affine is refused as in eager
-        # (ATen's γ/β gradients are too coarse there): the decomposition, in float32
-        grad = function._needs_grad(x, weight, bias)
-        passes = aten.choose(x, p, weight, bias, grad, True, cuda, center)
+        # torch.nn's instance norm: Inductor's code for it beat group norm's with G = C
+        passes = aten.instance_norm(x, p, weight, bias) if center else None
+        if passes is None:
+            # with a gradient, half-precision layer norm with an affine is refused as in
+            # eager (ATen's γ/β gradients are too coarse there): the decomposition
+            grad = function._needs_grad(x, weight, bias)
+            passes = aten.choose(x, p, weight, bias, grad, True, cuda, center)
     if not getattr(passes, "differentiable", False):
         return None
     return dataclasses.replace(passes, device="cuda") if cuda else passes  # type: ignore[arg-type]
