@@ -34,7 +34,7 @@ TORCH_NORMS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm
 # Where an unknown module may keep its epsilon (torch/timm, Hugging Face, Keras ports).
 EPS_NAMES = ("eps", "variance_epsilon", "epsilon")
 # normlab's own norms: the layers package and the modules beside it that hold a layer.
-_NORMLAB_NORM_MODULES = ("normlab.layers", "normlab.sync")
+_NORMLAB_NORM_MODULES = ("normlab.layers",)
 
 
 @dataclass(frozen=True)

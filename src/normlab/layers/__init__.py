@@ -12,6 +12,7 @@ from normlab.layers.mean_only import MeanOnlyBatchNorm
 from normlab.layers.norm_act import NormAct, norm_act
 from normlab.layers.renorm import BatchRenorm
 from normlab.layers.switchable import SwitchableNorm
+from normlab.layers.syncbatchnorm import SyncBatchNorm
 from normlab.layers.weight_norm import remove_weight_norm, weight_norm
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "IBN",
     "IBNb",
     "SwitchableNorm",
+    "SyncBatchNorm",
     "BatchRenorm",
     "remove_weight_norm",
     "weight_norm",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.distributed import group_moments, synchronizing
 from normlab.kernels.aten import _mixed_ok
 from normlab.kernels.dispatch import serves_derived
 from normlab.kernels.transforms import fx_leaf, transform
@@ -29,7 +30,6 @@ from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, from_stats, stats_dtype
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
-from normlab.sync import group_moments, synchronizing
 
 
 class BatchInstanceNorm(routes.Routed, TrackedNorm):

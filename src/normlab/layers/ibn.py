@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.distributed import check_sync, synchronizing
 from normlab.kernels.dispatch import serves_derived
 from normlab.kernels.transforms import fx_leaf, transform
 from normlab.layers import routes
@@ -34,10 +35,10 @@ from normlab.layers.checks import (
     describe,
 )
 from normlab.layers.instancenorm import InstanceNorm
+from normlab.layers.syncbatchnorm import SYNC_BATCH_NORMS, SyncBatchNorm
 from normlab.moments import Moments, from_stats
 from normlab.normalize import normalize_derived
 from normlab.pattern import Plan, plan
-from normlab.sync import SYNC_BATCH_NORMS, SyncBatchNorm, check_sync, synchronizing
 
 
 def ibn_split(planes: int, ratio: float) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from normlab.distributed import check_sync, group_moments, local_moments, synchronizing
 from normlab.kernels.transforms import fx_leaf, traced
 from normlab.layers.batchnorm import BatchNorm
 from normlab.layers.checks import (
@@ -38,7 +39,6 @@ from normlab.layers.running import empty_batch
 from normlab.moments import batch_stats, from_stats
 from normlab.normalize import normalize_with
 from normlab.pattern import plan
-from normlab.sync import check_sync, group_moments, local_moments, synchronizing
 
 Limit = float | Callable[[int], float] | str
 

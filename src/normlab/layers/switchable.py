@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from normlab.distributed import group_moments, synchronizing
 from normlab.kernels.transforms import fx_leaf
 from normlab.layers.checks import (
     channel_view,
@@ -45,7 +46,6 @@ from normlab.layers.tracked import TrackedNorm
 from normlab.moments import Moments, batch_stats, from_stats, stats_dtype
 from normlab.normalize import normalize_derived
 from normlab.pattern import plan
-from normlab.sync import group_moments, synchronizing
 
 VARIANCES = ("release", "paper")
 

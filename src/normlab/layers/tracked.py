@@ -4,7 +4,7 @@ Batch-Instance and Switchable norm keep the same state as batch norm (``weight``
 ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``) without being
 batch norms, so they do not subclass ``_BatchNorm`` (tools that fold or freeze batch
 norm must not mistake them for one). Updates follow :class:`RunningStatsMixin`; with
-``sync=True`` their batch part is synchronized over ``process_group`` (:mod:`normlab.sync`).
+``sync=True`` their batch part is synchronized over ``process_group`` (:mod:`normlab.distributed`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.distributed import check_sync
 from normlab.layers.checks import check_channel_axis, check_eps_momentum, check_positive_int
 from normlab.layers.running import RunningStatsMixin
-from normlab.sync import check_sync
 
 
 class TrackedNorm(RunningStatsMixin, nn.Module):
