@@ -19,7 +19,7 @@ is computed by the reference path inside the operator, so a traced graph never f
 directly there. Under ``torch.compile`` the dispatcher takes ATen's kernels or the
 reference decomposition instead, which measured faster than these operators in a
 conv → norm → ReLU block (``benchmarks/compile_path.py``); the operators stay for
-``torch.library.opcheck`` and for graphs that call them explicitly.
+``opcheck`` (torch's operator test) and for graphs that call them explicitly.
 
 Example:
     >>> x = torch.randn(8, 4, 16, 16)
