@@ -1,9 +1,10 @@
-"""The ``normlab::`` operators: torch.library.opcheck, and their values against the reference path."""
+"""The ``normlab::`` operators: opcheck (PyTorch's operator checks), and their values against the reference path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import library as torch_library
 
 from normlab.kernels import ops, reference
 from normlab.normalize import affine_view
@@ -39,15 +40,15 @@ def _case(shape, pattern, sizes, channels_last, dtype, grad=True):
 def test_opcheck(pattern, sizes, channels_last, center, shape, dtype):
     x, p, w, b = _case(shape, pattern, sizes, channels_last, dtype)
     spec = ops.plan_spec(p)
-    torch.library.opcheck(
+    torch_library.opcheck(
         torch.ops.normlab.batch_forward.default, (x, w, b, spec, 1e-5, center, "numba")
     )
-    torch.library.opcheck(
+    torch_library.opcheck(
         torch.ops.normlab.batch_forward.default, (x, None, None, spec, 1e-5, center, "numba")
     )
     mean = x.detach().float().mean().expand(p.stats_shape).contiguous()
     var = (x.detach().float().var() + 0.5).expand(p.stats_shape).contiguous()
-    torch.library.opcheck(
+    torch_library.opcheck(
         torch.ops.normlab.given_forward.default, (x, w, b, mean, var, spec, 1e-5, "numba")
     )
 
@@ -108,7 +109,7 @@ def test_calls_the_backend_refuses_take_the_reference_path_inside(center):
     p = plan("n c h w -> c w", x.shape)  # R K R K: no canonical form
     spec = ops.plan_spec(p)
     args = (x, w, b, spec, 1e-5, center, "numba")
-    torch.library.opcheck(torch.ops.normlab.batch_forward.default, args)
+    torch_library.opcheck(torch.ops.normlab.batch_forward.default, args)
     y, mean, var, rstd = torch.ops.normlab.batch_forward(*args)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     yr, mean_r, var_r = reference.normalize_batch(leaves[0], p, *leaves[1:], 1e-5, center)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import library as torch_library
 
 from normlab.kernels import backends, reference
 from normlab.kernels.canonical import stats_from_plan, stats_to_plan
@@ -105,7 +106,7 @@ def _affine_grad(g: torch.Tensor | None, t: torch.Tensor | None, x: torch.Tensor
     return g.to(t.dtype).reshape(t.shape)
 
 
-@torch.library.custom_op("normlab::batch_forward", mutates_args=())
+@torch_library.custom_op("normlab::batch_forward", mutates_args=())
 def batch_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -140,7 +141,7 @@ def _(x, weight, bias, plan, eps, center, backend):  # noqa: ANN001, ANN202
     return torch.empty_like(x), *stats
 
 
-@torch.library.custom_op("normlab::given_forward", mutates_args=())
+@torch_library.custom_op("normlab::given_forward", mutates_args=())
 def given_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -165,7 +166,7 @@ def _(x, weight, bias, mean, var, plan, eps, backend):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("normlab::backward", mutates_args=())
+@torch_library.custom_op("normlab::backward", mutates_args=())
 def backward(
     gy: torch.Tensor,
     x: torch.Tensor,
